@@ -1,0 +1,185 @@
+"""``deepspeed.initialize`` with our AdamW and schedule, and readouts of the engine's state."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from dsinstab.config import TrainerConfig, precision
+
+aten = torch.ops.aten
+
+
+def param_groups(model: torch.nn.Module, tc: TrainerConfig) -> list[dict]:
+    """AdamW groups: decay on matrices; none on biases, norms and (unless asked) embeddings.
+
+    With ``independent_weight_decay`` the decay no longer scales with the peak lr: AdamW applies
+    ``lr_t * weight_decay``, so giving it ``weight_decay / lr`` makes the decay
+    ``weight_decay * lr_t / lr`` (Wortsman et al. 2023).
+    """
+    embeddings = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
+    }
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = id(p) in embeddings
+        if p.ndim >= 2 and (not is_embedding or tc.decay_embeddings):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    wd = tc.weight_decay / tc.lr if tc.independent_weight_decay else tc.weight_decay
+    return [
+        {"params": decay, "weight_decay": wd, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict):
+    """The DeepSpeed engine, with torch's AdamW and transformers' warmup + cosine schedule.
+
+    The engine steps the schedule only on applied steps, so an fp16 overflow does not advance it.
+    """
+    if precision(ds_config) == "fp16":
+        allow_cpu_fp16()
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tc),
+        lr=tc.lr,
+        betas=(tc.adam_beta1, tc.adam_beta2),
+        eps=tc.adam_eps,
+        foreach=True,
+    )
+
+    def schedule(opt):
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            opt, tc.warmup_steps, tc.max_steps, min_lr_rate=tc.min_lr_ratio
+        )
+
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+    )
+    return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16 on CPUs without native fp16 arithmetic
+
+
+def allow_cpu_fp16() -> None:
+    """DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has native fp16 kernels; torch runs
+    fp16 on every CPU, and fp16's loss scaling is what this tool studies, so lift the gate."""
+    acc = get_accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
+        acc.is_fp16_supported = lambda: True
+
+
+def cpu_needs_fp32_compute() -> bool:
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    except (AttributeError, RuntimeError):
+        return True
+
+
+class Fp16ComputeInFp32(TorchDispatchMode):
+    """Run fp16 matmuls and attention in fp32 and round the results to fp16.
+
+    On a CPU without native fp16, torch's fp16 GEMM is a reference loop some 500x slower than bf16.
+    Accumulating in fp32 and rounding the output to fp16 is what GPU tensor cores and flash
+    attention do, so values, overflows (anything past 65504 becomes inf) and loss scaling behave
+    as in GPU fp16 training, at fp32 speed.
+    """
+
+    _OPS = {
+        aten.mm.default: (),
+        aten.addmm.default: (),
+        aten.bmm.default: (),
+        aten.baddbmm.default: (),
+        # (output, logsumexp): flash attention keeps its logsumexp in fp32, so do we
+        aten._scaled_dot_product_flash_attention_for_cpu.default: (1,),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (),
+    }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        keep_fp32 = self._OPS.get(func)
+        if keep_fp32 is None or not any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.float16 for a in args
+        ):
+            return func(*args, **kwargs)
+
+        def up(x):
+            return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.float16 else x
+
+        out = func(*tree_map(up, args), **tree_map(up, kwargs))
+        if isinstance(out, torch.Tensor):
+            return out.half()
+        return type(out)(
+            o if i in keep_fp32 or not isinstance(o, torch.Tensor) or o.dtype != torch.float32 else o.half()
+            for i, o in enumerate(out)
+        )
+
+
+def compute_context(engine) -> contextlib.AbstractContextManager:
+    """The context for forward and backward: fp32 compute for fp16 on CPUs that lack it."""
+    if engine.fp16_enabled() and get_accelerator().device_name() == "cpu" and cpu_needs_fp32_compute():
+        return Fp16ComputeInFp32()
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# Readouts of the engine's state (identical on every rank: DeepSpeed reduces them)
+
+
+def loss_scale(engine) -> float | None:
+    """The current fp16 loss scale; ``None`` for bf16 and fp32, where there is none."""
+    if not engine.fp16_enabled():
+        return None
+    return float(engine.optimizer.loss_scale)
+
+
+def hysteresis_left(engine) -> int | None:
+    """Overflows the dynamic scaler still tolerates before it halves the scale (ZeRO optimizers)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if not engine.fp16_enabled() or scaler is None:
+        return None
+    left = getattr(scaler, "cur_hysteresis", None)
+    return int(left) if left is not None else None
+
+
+def overflowed(engine) -> bool:
+    """Whether the last optimizer step was skipped for an fp16 overflow."""
+    return bool(getattr(engine.optimizer, "overflow", False))
+
+
+def grad_norm(engine, model: torch.nn.Module, before_step: float | None = None) -> float:
+    """The global grad norm of the last step, before clipping; ``inf`` for a non-finite one.
+
+    DeepSpeed reports it for its own optimizers (call after ``step``); a bare torch optimizer (fp32,
+    ZeRO-0) leaves it unset, so the loop measures it with :func:`grads_norm` before ``step``.
+    """
+    norm = before_step if before_step is not None else engine.get_global_grad_norm()
+    norm = float(norm) if norm is not None else math.nan
+    return norm if math.isfinite(norm) and norm >= 0 else math.inf
+
+
+def needs_pre_step_norm(engine) -> bool:
+    """True when DeepSpeed will not report the grad norm, so it must be measured before ``step``."""
+    return not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
+
+
+def grads_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])

@@ -1,0 +1,91 @@
+"""A ``transformers`` causal LM built from config, from scratch, and the loss we compute from its logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from dsinstab.config import ModelConfig
+
+
+def hf_config(mc: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:
+    """The ``transformers`` config of ``mc``'s family; qwen3 is Llama-like with per-head qk-norm."""
+    positions = mc.max_position or mc.seq_len
+    common = dict(
+        vocab_size=vocab_size,
+        tie_word_embeddings=mc.tie_embeddings,
+        initializer_range=mc.init_std,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=None,
+        use_cache=False,
+    )
+    if mc.arch == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2",
+            n_embd=mc.d_model,
+            n_layer=mc.n_layer,
+            n_head=mc.n_head,
+            n_inner=mc.d_ff or None,
+            n_positions=positions,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
+        )
+    d_ff = mc.d_ff or max(64, round(8 * mc.d_model / 3 / 64) * 64)
+    extra = {"head_dim": mc.d_model // mc.n_head} if mc.arch == "qwen3" else {}
+    return AutoConfig.for_model(
+        mc.arch,
+        hidden_size=mc.d_model,
+        intermediate_size=d_ff,
+        num_hidden_layers=mc.n_layer,
+        num_attention_heads=mc.n_head,
+        num_key_value_heads=mc.n_head,
+        max_position_embeddings=positions,
+        rms_norm_eps=1e-6,
+        attention_dropout=0.0,
+        **extra,
+        **common,
+    )
+
+
+class EmbeddingScale:
+    """Forward hook that multiplies the input embeddings' output (embedding scaling, fault injection)."""
+
+    def __init__(self, module: torch.nn.Module, factor: float):
+        self.factor = factor
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        return output if self.factor == 1.0 else output * self.factor
+
+
+def build_model(mc: ModelConfig, vocab_size: int, eos_id: int, seed: int) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        hf_config(mc, vocab_size, eos_id), attn_implementation=mc.attn_implementation
+    )
+    model.embedding_scale = EmbeddingScale(model.get_input_embeddings(), mc.embedding_scale)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy in fp32, plus ``z_loss * mean(log Z)^2`` when asked (PaLM's z-loss).
+
+    Returns the loss to optimise and its parts, detached, for logging.
+    """
+    logits = logits.float().flatten(0, 1)
+    ce = F.cross_entropy(logits, targets.flatten())
+    parts = {"ce": ce.detach()}
+    if z_loss == 0:
+        return ce, parts
+    log_z = torch.logsumexp(logits, dim=-1)
+    z = z_loss * log_z.pow(2).mean()
+    parts["z_loss"] = z.detach()
+    return ce + z, parts
