@@ -103,7 +103,9 @@ class Checkpointer:
             raise ConfigError(f"--resume latest: {self.dir} holds no complete checkpoint.")
         if which not in tags:
             have = ", ".join(tags) or "none"
-            raise ConfigError(f"--resume {which}: no complete checkpoint {which} in {self.dir}; have: {have}.")
+            raise ConfigError(
+                f"--resume {which}: no complete checkpoint {which} in {self.dir}; have: {have}."
+            )
         return which
 
     def newest_before(self, step: int) -> str | None:

@@ -19,21 +19,49 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dsinstab.config import ConfigError, RunConfig, load_config, precision, read_ds_config, resolve_ds_config, to_yaml
+from dsinstab.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    precision,
+    read_ds_config,
+    resolve_ds_config,
+    to_yaml,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description="Train a causal LM in a DeepSpeed engine.")
     p.add_argument("--ds_config", default="ds_configs/zero2_bf16.json", help="DeepSpeed JSON config")
     p.add_argument("--config_dir", default="configs", help="folder with trainer/model/dataset/utils.yaml")
-    p.add_argument("--preset", default=None, help="a YAML of sections applied on top (name under configs/presets/ or a path)")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a key, e.g. --set trainer.lr=1e-2 utils.run_name=bf16-lr1e-2")
-    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                   help="print the resolved config (ds_config included) and exit")
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="a YAML of sections applied on top (name under configs/presets/ or a path)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a key, e.g. --set trainer.lr=1e-2 utils.run_name=bf16-lr1e-2",
+    )
+    p.add_argument(
+        "--dry-run",
+        "--dry_run",
+        dest="dry_run",
+        action="store_true",
+        help="print the resolved config (ds_config included) and exit",
+    )
     p.add_argument("--resume", default=None, metavar="latest|TAG", help="continue the run from a checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete an existing run directory of the same name"
+    )
+    p.add_argument(
+        "--local_rank", type=int, default=None, help=argparse.SUPPRESS
+    )  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
@@ -64,14 +92,18 @@ def _single_process_env() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
 
 
 def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other; pick one.")
     if resume and not run_dir.is_dir():
-        raise ConfigError(f"--resume {resume}: {run_dir} does not exist; check utils.run_name and utils.output_dir.")
+        raise ConfigError(
+            f"--resume {resume}: {run_dir} does not exist; check utils.run_name and utils.output_dir."
+        )
     if not resume and not overwrite and run_dir.exists():
         raise ConfigError(
             f"utils.run_name: {run_dir} already exists; pass --resume latest to continue it, "
@@ -125,8 +157,10 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
     engine = build_engine(model, t, cfg.ds_config)
     checkpointer = Checkpointer(engine, run_dir, t.keep_checkpoints, rank == 0)
     tag = checkpointer.resolve(args.resume) if args.resume else None
-    say(f"model: {m.arch}, {n_params / 1e6:.2f}M parameters; {precision(cfg.ds_config)}, "
-        f"ZeRO-{cfg.ds_config.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s)")
+    say(
+        f"model: {m.arch}, {n_params / 1e6:.2f}M parameters; {precision(cfg.ds_config)}, "
+        f"ZeRO-{cfg.ds_config.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s)"
+    )
     say(f"data: {len(data.train)} train / {len(data.validation)} validation blocks of {m.seq_len + 1} tokens")
 
     # Everything is checked: from here on the run directory is written.
@@ -137,10 +171,18 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     dist.barrier()
     run = loop.Run(
-        cfg=cfg, engine=engine, model=model, data=data,
+        cfg=cfg,
+        engine=engine,
+        model=model,
+        data=data,
         order=BatchOrder(len(data.train), t.micro_batch_size, world, rank, t.seed),
         monitor=SpikeMonitor(t.spikes, precision(cfg.ds_config) == "fp16"),
-        checkpointer=checkpointer, sink=NullSink(), run_dir=run_dir, rank=rank, world=world, say=say,
+        checkpointer=checkpointer,
+        sink=NullSink(),
+        run_dir=run_dir,
+        rank=rank,
+        world=world,
+        say=say,
     )
     if tag:
         loop.restore(run, checkpointer.load(tag))

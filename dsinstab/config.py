@@ -60,7 +60,8 @@ class SpikesConfig:
 class InjectConfig:
     at_step: int = param(0, "inject a fault at this optimizer step (0 = never)", ge=0)
     kind: str = param(
-        "lr", "lr: multiply the learning rate; embed: scale the embedding output",
+        "lr",
+        "lr: multiply the learning rate; embed: scale the embedding output",
         choices=("lr", "embed"),
     )
     factor: float = param(1000.0, "the multiplier applied for that one step", gt=0)
@@ -88,7 +89,8 @@ class TrainerConfig:
     weight_decay: float = param(0.1, "AdamW weight decay on matrices", ge=0)
     decay_embeddings: bool = param(False, "apply weight decay to the embeddings too")
     independent_weight_decay: bool = param(
-        False, "decay per step is weight_decay * lr_t / lr, not weight_decay * lr_t (independent of the peak lr)"
+        False,
+        "decay per step is weight_decay * lr_t / lr, not weight_decay * lr_t (independent of the peak lr)",
     )
     adam_beta1: float = param(0.9, "AdamW beta1", ge=0, le=1)
     adam_beta2: float = param(0.95, "AdamW beta2", ge=0, le=1)
@@ -121,9 +123,7 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    source: str = param(
-        "builtin", "where the text comes from", choices=("builtin", "hub", "local", "disk")
-    )
+    source: str = param("builtin", "where the text comes from", choices=("builtin", "hub", "local", "disk"))
     name: str = param("", "hub: dataset id for datasets.load_dataset")
     config_name: str = param("", "hub: dataset configuration name")
     split: str = param("train", "hub/disk: split to read")
@@ -184,9 +184,7 @@ def _coerce(value: Any, typ: Any, where: str, key: str) -> Any:
         or (typ is str and isinstance(value, str))
     )
     if not ok:
-        raise ConfigError(
-            f"{where}: {key} must be {typ.__name__}, got {type(value).__name__} {value!r}."
-        )
+        raise ConfigError(f"{where}: {key} must be {typ.__name__}, got {type(value).__name__} {value!r}.")
     return float(value) if typ is float else value
 
 
@@ -359,7 +357,9 @@ def check_consistency(cfg: RunConfig, where: str) -> None:
     """Checks that span several model fields (``where`` names the file that set them)."""
     m = cfg.model
     if m.d_model % m.n_head:
-        raise ConfigError(f"{where}: model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head}).")
+        raise ConfigError(
+            f"{where}: model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})."
+        )
     if m.max_position and m.seq_len > m.max_position:
         raise ConfigError(
             f"{where}: model.seq_len ({m.seq_len}) is longer than the model allows "
@@ -427,7 +427,7 @@ def resolve_ds_config(raw: dict, path: str | Path, cfg: RunConfig, world_size: i
             ds[key] = want
         elif not isinstance(have, (int, float)) or isinstance(have, bool) or float(have) != float(want):
             raise ConfigError(
-                f"{path}: {key} is {have!r} but {owner} gives {want}; write \"auto\" so the YAML decides."
+                f'{path}: {key} is {have!r} but {owner} gives {want}; write "auto" so the YAML decides.'
             )
     fp16 = ds.get("fp16", {}).get("enabled", False)
     bf16 = ds.get("bf16", {}).get("enabled", False)
@@ -443,7 +443,7 @@ def resolve_ds_config(raw: dict, path: str | Path, cfg: RunConfig, world_size: i
             continue
         if _all_auto(ds[block]):
             del ds[block]
-            notes.append(f"{path}: dropped the all-\"auto\" {block} block; {keys} set it.")
+            notes.append(f'{path}: dropped the all-"auto" {block} block; {keys} set it.')
         else:
             raise ConfigError(
                 f"{path}: the {block} block is not supported; remove it and set {keys} in trainer.yaml."
@@ -455,11 +455,11 @@ def resolve_ds_config(raw: dict, path: str | Path, cfg: RunConfig, world_size: i
     for key, value in list(zero.items()):
         if value == "auto":
             if key not in ZERO_AUTO:
-                raise ConfigError(f"{path}: zero_optimization.{key} cannot be \"auto\"; give a value.")
+                raise ConfigError(f'{path}: zero_optimization.{key} cannot be "auto"; give a value.')
             zero[key] = ZERO_AUTO[key](cfg.model.d_model)
     leftover = [k for k, v in ds.items() if v == "auto"]
     if leftover:
-        raise ConfigError(f"{path}: {leftover[0]} cannot be \"auto\" here; give a value.")
+        raise ConfigError(f'{path}: {leftover[0]} cannot be "auto" here; give a value.')
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's prints
     return ds, notes
 

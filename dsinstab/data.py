@@ -15,10 +15,10 @@ import os
 import shutil
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Callable
 
 import datasets
 import torch
@@ -213,7 +213,11 @@ def get_tokenizer(dc: DatasetConfig, spec: dict, cache_dir: Path, train_texts: C
         path = cache_dir / "tokenizers" / f"bpe-{key}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
-            hf = HFTokenizer.from_file(str(path)) if path.exists() else train_bpe(train_texts(), dc.vocab_size, path)
+            hf = (
+                HFTokenizer.from_file(str(path))
+                if path.exists()
+                else train_bpe(train_texts(), dc.vocab_size, path)
+            )
         tok = _fast_tokenizer(hf, f"bpe-{key}")
     else:
         tok = _auto_tokenizer(dc.tokenizer)
@@ -299,8 +303,14 @@ def prepare_data(dc: DatasetConfig, seq_len: int, cache_dir: str | Path, log=pri
 
     tok = get_tokenizer(dc, spec, cache_dir, lambda: splits()["train"])
     key = _digest(
-        {"v": CACHE_VERSION, "corpus": spec, "tokenizer": tok.spec, "block": seq_len + 1,
-         "val": dc.val_fraction, "max_chars": dc.max_chars}
+        {
+            "v": CACHE_VERSION,
+            "corpus": spec,
+            "tokenizer": tok.spec,
+            "block": seq_len + 1,
+            "val": dc.val_fraction,
+            "max_chars": dc.max_chars,
+        }
     )
     path = cache_dir / "datasets" / key
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,19 +323,23 @@ def prepare_data(dc: DatasetConfig, seq_len: int, cache_dir: str | Path, log=pri
             packed = datasets.DatasetDict(
                 {name: pack(split, tok, seq_len + 1, dc.num_proc) for name, split in splits().items()}
             )
+            _check_not_empty(packed, seq_len)
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             packed.save_to_disk(str(tmp))
             (tmp / "dsinstab.json").write_text(json.dumps({"corpus": spec, "tokenizer": tok.spec}))
             os.replace(tmp, path)
     packed = datasets.load_from_disk(str(path)).with_format("torch")
+    return PackedData(packed["train"], packed["validation"], tok.vocab_size, tok.eos_id, str(path), reused)
+
+
+def _check_not_empty(packed: datasets.DatasetDict, seq_len: int) -> None:
     for name in ("train", "validation"):
         if len(packed[name]) == 0:
             raise ConfigError(
                 f"{WHERE}: the corpus gives no {name} block of model.seq_len + 1 = {seq_len + 1} "
                 "tokens; use more text or a shorter model.seq_len."
             )
-    return PackedData(packed["train"], packed["validation"], tok.vocab_size, tok.eos_id, str(path), reused)
 
 
 def _digest(obj) -> str:
@@ -346,7 +360,11 @@ class BatchOrder:
 
     def __init__(self, n_blocks: int, micro_batch: int, world: int, rank: int, seed: int):
         self.n_blocks, self.micro_batch, self.world, self.rank, self.seed = (
-            n_blocks, micro_batch, world, rank, seed,
+            n_blocks,
+            micro_batch,
+            world,
+            rank,
+            seed,
         )
         self.per_epoch = n_blocks // (micro_batch * world)
         if self.per_epoch == 0:

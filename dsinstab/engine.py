@@ -24,9 +24,7 @@ def param_groups(model: torch.nn.Module, tc: TrainerConfig) -> list[dict]:
     ``lr_t * weight_decay``, so giving it ``weight_decay / lr`` makes the decay
     ``weight_decay * lr_t / lr`` (Wortsman et al. 2023).
     """
-    embeddings = {
-        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)
-    }
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:

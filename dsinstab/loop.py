@@ -121,9 +121,13 @@ def train(run: Run) -> int:
         overflow, scale = eng.overflowed(run.engine), eng.loss_scale(run.engine)
         firings, spike_metrics = run.monitor.observe(loss, grad_norm, overflow, scale)
         metrics = {
-            "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-            "train/overflow": int(overflow), "train/skipped_steps": int(run.engine.skipped_steps),
-            **precision_metrics(run.engine, scale), **spike_metrics,
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/overflow": int(overflow),
+            "train/skipped_steps": int(run.engine.skipped_steps),
+            **precision_metrics(run.engine, scale),
+            **spike_metrics,
         }
         run.history.append({"step": step, **metrics})
         if step % t.log_every == 0 or step == t.max_steps:
@@ -222,12 +226,22 @@ def event_record(run: Run, step: int, firings, lr, grad_norm, scale, action: str
     else:
         gathered = [mine]
     first = firings[0]
-    return json_safe({
-        "step": step, "kind": first.kind, "value": first.value, "threshold": first.threshold,
-        "baseline": first.baseline, "firings": [firing_record(f) for f in firings], "action": action,
-        "lr": lr, "grad_norm": grad_norm, "loss_scale": scale, "batch_indices": gathered,
-        "recent": list(run.history),
-    })
+    return json_safe(
+        {
+            "step": step,
+            "kind": first.kind,
+            "value": first.value,
+            "threshold": first.threshold,
+            "baseline": first.baseline,
+            "firings": [firing_record(f) for f in firings],
+            "action": action,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "loss_scale": scale,
+            "batch_indices": gathered,
+            "recent": list(run.history),
+        }
+    )
 
 
 def rollback(run: Run, step: int, record: dict) -> None:
@@ -244,25 +258,44 @@ def rollback(run: Run, step: int, record: dict) -> None:
     skipped = (step + s.rollback_skip - run.step) * run.cfg.trainer.gradient_accumulation_steps
     run.order.position += skipped
     if run.rank == 0:
-        truncate_after(run.run_dir / "metrics.jsonl", run.step, spill=run.run_dir / "metrics_rolled_back.jsonl")
-    run.sink.event({
-        "step": step, "kind": "rollback", "action": "rollback", "to_tag": tag, "resumed_at": run.step,
-        "skipped_micro_batches": skipped, "cause": record["kind"],
-    })
+        truncate_after(
+            run.run_dir / "metrics.jsonl", run.step, spill=run.run_dir / "metrics_rolled_back.jsonl"
+        )
+    run.sink.event(
+        {
+            "step": step,
+            "kind": "rollback",
+            "action": "rollback",
+            "to_tag": tag,
+            "resumed_at": run.step,
+            "skipped_micro_batches": skipped,
+            "cause": record["kind"],
+        }
+    )
     run.say(f"step {step}: rolled back to {tag}, skipping {skipped} micro batches")
 
 
 def on_min_loss_scale(run: Run, step: int, message: str) -> int:
     """DeepSpeed ended the run at its minimum loss scale: record it, keep the last good state."""
     scale = eng.loss_scale(run.engine)
-    run.sink.event(json_safe({
-        "step": step, "kind": "loss_scale_minimum", "value": scale, "action": "stop",
-        "message": message, "recent": list(run.history),
-    }))
+    run.sink.event(
+        json_safe(
+            {
+                "step": step,
+                "kind": "loss_scale_minimum",
+                "value": scale,
+                "action": "stop",
+                "message": message,
+                "recent": list(run.history),
+            }
+        )
+    )
     run.step = step - 1  # the step that failed was never applied
     save(run, f"spike-{step}")
-    run.say(f"step {step}: the fp16 loss scale is at its minimum ({scale:g}) and DeepSpeed cannot go on; "
-            f"saved spike-{step} (the last good state).")
+    run.say(
+        f"step {step}: the fp16 loss scale is at its minimum ({scale:g}) and DeepSpeed cannot go on; "
+        f"saved spike-{step} (the last good state)."
+    )
     return finish(run, "min_loss_scale", EXIT_MIN_LOSS_SCALE)
 
 
@@ -355,5 +388,7 @@ def write_status(run: Run, state: str, code: int | None) -> None:
 
 
 def trainer_summary(t: TrainerConfig) -> str:
-    return (f"{t.max_steps} steps, lr {t.lr:g}, warmup {t.warmup_steps}, micro batch {t.micro_batch_size}"
-            f" x {t.gradient_accumulation_steps} accumulation")
+    return (
+        f"{t.max_steps} steps, lr {t.lr:g}, warmup {t.warmup_steps}, micro batch {t.micro_batch_size}"
+        f" x {t.gradient_accumulation_steps} accumulation"
+    )

@@ -126,7 +126,11 @@ class LossScaleDetector:
         return {"consecutive": self.consecutive, "longest": self.longest, "at_floor": self.at_floor}
 
     def load_state_dict(self, state: dict) -> None:
-        self.consecutive, self.longest, self.at_floor = state["consecutive"], state["longest"], state["at_floor"]
+        self.consecutive, self.longest, self.at_floor = (
+            state["consecutive"],
+            state["longest"],
+            state["at_floor"],
+        )
 
 
 class SpikeMonitor:
@@ -146,7 +150,9 @@ class SpikeMonitor:
         self.rollbacks = 0
         self.fired = 0
 
-    def observe(self, loss: float, grad_norm: float, overflow: bool, scale: float | None) -> tuple[list[Firing], dict]:
+    def observe(
+        self, loss: float, grad_norm: float, overflow: bool, scale: float | None
+    ) -> tuple[list[Firing], dict]:
         """Feed one step's reduced values; return the firings and the ``spike/*`` metrics."""
         firings = []
         if not math.isfinite(loss):
@@ -162,7 +168,9 @@ class SpikeMonitor:
         metrics = {
             "spike/fired": int(bool(firings)),
             "spike/score_loss": self.score_loss.update(loss),
-            "spike/score_grad_norm": self.score_grad.update(grad_norm) if not overflow else self.score_grad.score(),
+            "spike/score_grad_norm": self.score_grad.update(grad_norm)
+            if not overflow
+            else self.score_grad.score(),
         }
         return firings, metrics
 
@@ -170,7 +178,10 @@ class SpikeMonitor:
         """The action for firings at ``step``: the configured one, held back by cooldown and caps."""
         action = self.cfg.action
         if action == "checkpoint":
-            if self.checkpoints >= self.cfg.max_checkpoints or step - self.last_checkpoint_step < self.cfg.cooldown:
+            if (
+                self.checkpoints >= self.cfg.max_checkpoints
+                or step - self.last_checkpoint_step < self.cfg.cooldown
+            ):
                 return "none"
             self.checkpoints += 1
             self.last_checkpoint_step = step

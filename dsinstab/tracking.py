@@ -10,6 +10,7 @@ import json
 import math
 import netrc
 import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -126,10 +127,15 @@ class WandbSink(NullSink):
 
         self.wandb = wandb
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:12]
         kwargs = dict(
-            project=project, name=name, id=run_id, dir=str(run_dir), config=config,
-            resume="allow", settings=wandb.Settings(init_timeout=60, console="off"),
+            project=project,
+            name=name,
+            id=run_id,
+            dir=str(run_dir),
+            config=config,
+            resume="allow",
+            settings=wandb.Settings(init_timeout=60, console="off"),
         )
         mode = wandb_mode()
         try:
@@ -137,7 +143,9 @@ class WandbSink(NullSink):
         except Exception as e:  # noqa: BLE001 - wandb unreachable or misconfigured: keep training
             if mode == "offline":
                 raise
-            warnings.warn(f"wandb could not start online ({type(e).__name__}); logging offline instead.")
+            warnings.warn(
+                f"wandb could not start online ({type(e).__name__}); logging offline instead.", stacklevel=2
+            )
             self.run = wandb.init(mode="offline", **kwargs)
         id_file.write_text(run_id)
         self.rows: list[list] = []
