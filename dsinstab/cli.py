@@ -128,7 +128,7 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
     from dsinstab.engine import build_engine
     from dsinstab.model import build_model, count_parameters
     from dsinstab.spikes import SpikeMonitor
-    from dsinstab.tracking import NullSink, open_sink, truncate_after
+    from dsinstab.tracking import NullSink, open_sink
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -169,6 +169,7 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        model.config.save_pretrained(run_dir / "hf")  # zero_to_fp32.py can write weights beside it
     dist.barrier()
     run = loop.Run(
         cfg=cfg,
@@ -184,14 +185,12 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
         world=world,
         say=say,
     )
-    if tag:
-        loop.restore(run, checkpointer.load(tag))
-        if rank == 0:  # what was logged after the checkpoint is logged again by this run
-            for name in ("metrics.jsonl", "events.jsonl"):
-                truncate_after(run_dir / name, run.step)
-        say(f"resumed from {tag} at step {run.step}")
     if rank == 0:
         run.sink = open_sink(run_dir, u.report_to, u.wandb_project, u.run_name, cfg.to_dict(), bool(tag))
+    if tag:
+        loop.restore(run, checkpointer.load(tag))
+        run.sink.rewind(run.step, events=True)  # what came after the checkpoint is logged again
+        say(f"resumed from {tag} at step {run.step}")
     loop.write_status(run, "running", None)
     say(f"run directory: {run_dir}  (ready in {time.time() - t_start:.1f}s)")
     try:

@@ -26,7 +26,7 @@ from dsinstab.config import RunConfig, TrainerConfig
 from dsinstab.data import BatchOrder, PackedData
 from dsinstab.model import lm_loss
 from dsinstab.spikes import SpikeMonitor, firing_record
-from dsinstab.tracking import json_safe, truncate_after
+from dsinstab.tracking import json_safe
 
 EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_MIN_LOSS_SCALE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
 HISTORY = 48  # logged values kept for the "before the event" part of an event record
@@ -257,10 +257,7 @@ def rollback(run: Run, step: int, record: dict) -> None:
     run.monitor.load_state_dict({**run.monitor.state_dict(), "policy": policy})
     skipped = (step + s.rollback_skip - run.step) * run.cfg.trainer.gradient_accumulation_steps
     run.order.position += skipped
-    if run.rank == 0:
-        truncate_after(
-            run.run_dir / "metrics.jsonl", run.step, spill=run.run_dir / "metrics_rolled_back.jsonl"
-        )
+    run.sink.rewind(run.step, events=False, spill=run.run_dir / "metrics_rolled_back.jsonl")
     run.sink.event(
         {
             "step": step,
@@ -301,9 +298,14 @@ def on_min_loss_scale(run: Run, step: int, message: str) -> int:
 
 @contextlib.contextmanager
 def injected_fault(run: Run, step: int):
-    """The configured deliberate fault, for one step: lr times ``factor`` or the embeddings scaled."""
+    """The configured deliberate fault, for one step: lr times ``factor`` or the embeddings scaled.
+
+    Like a bad batch, it is tied to the data position of step ``at_step`` of an unbroken run, so a
+    rollback that skips those batches also skips the fault.
+    """
     inj = run.cfg.trainer.inject
-    if inj.at_step != step:
+    gas = run.cfg.trainer.gradient_accumulation_steps
+    if not inj.at_step or run.order.position != (inj.at_step - 1) * gas:
         yield
         return
     groups = run.engine.optimizer.param_groups

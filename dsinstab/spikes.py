@@ -28,12 +28,18 @@ class Firing:
 
 class RobustSpikeDetector:
     """Fires when a value exceeds ``median + k * 1.4826 * MAD`` of a trailing window, and the
-    median by at least ``min_rel_jump``. Firing values stay out of the baseline."""
+    median by at least ``min_rel_jump``.
+
+    A spike is an episode: it fires on the first value above the threshold and re-arms only once a
+    value comes back below it, so a spike that lasts twenty steps is one event. Values above the
+    threshold stay out of the baseline.
+    """
 
     def __init__(self, name: str, k: float, window: int, warmup: int, min_rel_jump: float):
         self.name, self.k, self.warmup, self.min_rel_jump = name, k, warmup, min_rel_jump
         self.values: deque[float] = deque(maxlen=window)
         self.seen = 0
+        self.active = False
 
     def update(self, value: float) -> Firing | None:
         self.seen += 1
@@ -46,17 +52,19 @@ class RobustSpikeDetector:
             mad = median(abs(v - base) for v in self.values)
             threshold = max(base + self.k * MAD_TO_STD * mad, base * (1 + self.min_rel_jump))
             if value > threshold:
-                return Firing(self.name, value, threshold, base)
+                first, self.active = not self.active, True
+                return Firing(self.name, value, threshold, base) if first else None
+        self.active = False
         self.values.append(value)
         return None
 
     def state_dict(self) -> dict:
-        return {"values": list(self.values), "seen": self.seen}
+        return {"values": list(self.values), "seen": self.seen, "active": self.active}
 
     def load_state_dict(self, state: dict) -> None:
         self.values.clear()
         self.values.extend(state["values"])
-        self.seen = state["seen"]
+        self.seen, self.active = state["seen"], state["active"]
 
 
 class SpikeScore:
@@ -145,6 +153,7 @@ class SpikeMonitor:
         self.score_loss = SpikeScore(cfg.score_window, cfg.score_sigma)
         self.score_grad = SpikeScore(cfg.score_window, cfg.score_sigma)
         self.scale = LossScaleDetector(cfg.max_consecutive_overflows, cfg.min_loss_scale)
+        self.nonfinite = [False, False]
         self.last_checkpoint_step = -(10**9)
         self.checkpoints = 0
         self.rollbacks = 0
@@ -155,11 +164,14 @@ class SpikeMonitor:
     ) -> tuple[list[Firing], dict]:
         """Feed one step's reduced values; return the firings and the ``spike/*`` metrics."""
         firings = []
-        if not math.isfinite(loss):
-            firings.append(Firing("nonfinite_loss", loss))
+        # Non-finite values are episodes too: the first of a run of them fires.
         # An fp16 overflow is a skipped step, not a broken one: its infinite norm is expected.
-        if not math.isfinite(grad_norm) and not overflow:
+        bad_loss, bad_norm = not math.isfinite(loss), not math.isfinite(grad_norm) and not overflow
+        if bad_loss and not self.nonfinite[0]:
+            firings.append(Firing("nonfinite_loss", loss))
+        if bad_norm and not self.nonfinite[1]:
             firings.append(Firing("nonfinite_grad_norm", grad_norm))
+        self.nonfinite = [bad_loss, bad_norm]
         if not overflow:
             firings += [f for f in (self.loss.update(loss), self.grad.update(grad_norm)) if f]
         if self.fp16:
@@ -198,6 +210,7 @@ class SpikeMonitor:
             "score_loss": self.score_loss.state_dict(),
             "score_grad": self.score_grad.state_dict(),
             "scale": self.scale.state_dict(),
+            "nonfinite": list(self.nonfinite),
             "policy": {
                 "last_checkpoint_step": self.last_checkpoint_step,
                 "checkpoints": self.checkpoints,
@@ -212,6 +225,7 @@ class SpikeMonitor:
         self.score_loss.load_state_dict(state["score_loss"])
         self.score_grad.load_state_dict(state["score_grad"])
         self.scale.load_state_dict(state["scale"])
+        self.nonfinite = list(state["nonfinite"])
         for k, v in state["policy"].items():
             setattr(self, k, v)
 

@@ -82,6 +82,7 @@ def truncate_after(path: Path, step: int, spill: Path | None = None) -> None:
 class NullSink:
     def log(self, step: int, metrics: dict) -> None: ...
     def event(self, record: dict) -> None: ...
+    def rewind(self, step: int, events: bool, spill: Path | None = None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -97,6 +98,15 @@ class LocalSink(NullSink):
 
     def event(self, record: dict) -> None:
         self.events.write(record)
+
+    def rewind(self, step: int, events: bool, spill: Path | None = None) -> None:
+        """Forget the metrics (and with ``events``, the events) logged after ``step``: a resumed or
+        rolled-back run logs those steps again. ``spill`` keeps the forgotten metrics."""
+        for f, keep_all in ((self.metrics, False), (self.events, not events)):
+            if not keep_all:
+                f.close()
+                truncate_after(f.path, step, spill if f is self.metrics else None)
+                f.file = open(f.path, "a", buffering=1)
 
     def close(self) -> None:
         self.metrics.close()
@@ -173,6 +183,10 @@ class FanOut(NullSink):
     def event(self, record: dict) -> None:
         for s in self.sinks:
             s.event(record)
+
+    def rewind(self, step: int, events: bool, spill: Path | None = None) -> None:
+        for s in self.sinks:
+            s.rewind(step, events, spill)
 
     def close(self) -> None:
         for s in self.sinks:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, python_train
 
+from conftest import ROOT, python_train
 from dsinstab.config import (
     ConfigError,
     RunConfig,

@@ -30,6 +30,12 @@ def test_a_step_jump_fires_once_and_firing_values_stay_out_of_the_baseline():
     assert 6.0 not in det.values
 
 
+def test_a_lasting_spike_is_one_episode_and_the_detector_re_arms():
+    det = RobustSpikeDetector("loss_spike", k=8, window=50, warmup=0, min_rel_jump=0.1)
+    series = [3.0 + 0.01 * (i % 3) for i in range(60)] + [7.0] * 20 + [3.0] * 20 + [8.0] + [3.0] * 5
+    assert feed(det, series) == [60, 100]
+
+
 def test_warmup_is_ignored():
     det = RobustSpikeDetector("loss_spike", k=8, window=20, warmup=50, min_rel_jump=0.1)
     series = [10.0 - 0.1 * i for i in range(50)] + [5.0] * 50
@@ -40,8 +46,11 @@ def test_nonfinite_values_fire_and_fp16_overflow_norms_do_not():
     mon = SpikeMonitor(SpikesConfig(warmup=0), fp16=True)
     firings, _ = mon.observe(math.nan, 1.0, overflow=False, scale=1024.0)
     assert [f.kind for f in firings] == ["nonfinite_loss"]
-    firings, _ = mon.observe(3.0, math.inf, overflow=True, scale=512.0)
-    assert firings == []  # an fp16 overflow is a skipped step, not a broken one
+    firings, _ = mon.observe(math.nan, math.inf, overflow=True, scale=512.0)
+    assert firings == []  # still the same non-finite episode; and an fp16 overflow's inf norm is expected
+    mon.observe(3.0, 1.0, overflow=False, scale=512.0)
+    firings, _ = mon.observe(math.inf, 1.0, overflow=False, scale=512.0)
+    assert [f.kind for f in firings] == ["nonfinite_loss"]  # re-armed by a finite value
     bf16 = SpikeMonitor(SpikesConfig(warmup=0), fp16=False)
     firings, metrics = bf16.observe(3.0, math.inf, overflow=False, scale=None)
     assert [f.kind for f in firings] == ["nonfinite_grad_norm"] and metrics["spike/fired"] == 1

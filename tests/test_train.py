@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import yaml
+
 from conftest import ROOT, assert_ok, ds_config, launch, metrics, train_rows
 
 KEYS = {
