@@ -1,0 +1,366 @@
+"""Reading run directories, aligning them by step, plots and the comparison report.
+
+``python scripts/compare.py RUN [RUN ...] --out DIR`` writes PNG plots, ``report.md`` and a
+self-contained ``report.html`` (plots embedded). The first two runs are the pair the difference
+plot compares, typically fp16 and bf16 with the same seed and data.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from dsinstab.config import ConfigError  # noqa: E402
+from dsinstab.tracking import read_jsonl  # noqa: E402
+
+SPIKE_KINDS = {"loss_spike", "grad_norm_spike", "nonfinite_loss", "nonfinite_grad_norm"}
+ENDINGS = {
+    "finished": "finished",
+    "stopped": "stopped by a detector",
+    "min_loss_scale": "died at the minimum loss scale",
+    "interrupted": "interrupted (resumable)",
+    "running": "still running or killed",
+}
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+@dataclass
+class RunData:
+    name: str
+    path: Path
+    config: dict
+    metrics: list[dict]
+    events: list[dict] = field(default_factory=list)
+    status: dict = field(default_factory=dict)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """Steps and values of one metric, in step order (absent steps left out)."""
+        rows = [(r["step"], r[key]) for r in self.metrics if key in r]
+        return [s for s, _ in rows], [v for _, v in rows]
+
+    @property
+    def precision(self) -> str:
+        ds = self.config.get("ds_config", {})
+        return (
+            "fp16"
+            if ds.get("fp16", {}).get("enabled")
+            else "bf16"
+            if ds.get("bf16", {}).get("enabled")
+            else "fp32"
+        )
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.precision})"
+
+
+def load_run(path: str | Path) -> RunData:
+    """A run directory; anything else is refused with one sentence (exit 2 in the scripts)."""
+    path = Path(path)
+    if not (path / "metrics.jsonl").exists() or not (path / "config.yaml").exists():
+        raise ConfigError(f"{path}: not a run directory (it needs metrics.jsonl and config.yaml).")
+    try:
+        metrics = read_jsonl(path / "metrics.jsonl")
+    except ValueError as e:
+        raise ConfigError(f"{path / 'metrics.jsonl'}: not valid JSON lines ({e}).") from None
+    if not any("train/loss" in r for r in metrics):
+        raise ConfigError(f"{path / 'metrics.jsonl'}: holds no logged training step.")
+    events = read_jsonl(path / "events.jsonl") if (path / "events.jsonl").exists() else []
+    status = yaml.safe_load((path / "status.json").read_text()) if (path / "status.json").exists() else {}
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    return RunData(path.name, path, config, metrics, events, status)
+
+
+# ---------------------------------------------------------------------------------------------
+# The numbers
+
+
+def longest_run(flags: list[int]) -> int:
+    best = cur = 0
+    for f in flags:
+        cur = cur + 1 if f else 0
+        best = max(best, cur)
+    return best
+
+
+def summarize(run: RunData) -> dict:
+    """The table row of one run: how it ended, its losses and its instabilities."""
+    _, evals = run.series("eval/loss")
+    finite_evals = [v for v in evals if math.isfinite(v)]
+    steps, overflow = run.series("train/overflow")
+    _, scale = run.series("train/loss_scale")
+    _, tps = run.series("train/tokens_per_s")
+    min_scale = run.config.get("ds_config", {}).get("fp16", {}).get("min_loss_scale", 1)
+    train_rows = [r for r in run.metrics if "train/loss" in r]
+    last = train_rows[-1]
+    return {
+        "run": run.name,
+        "precision": run.precision,
+        "ended": ENDINGS.get(run.status.get("state"), "unknown"),
+        "steps": last["step"],
+        "final eval loss": evals[-1] if evals else None,
+        "best eval loss": min(finite_evals) if finite_evals else None,
+        "final train loss": last["train/loss"],
+        "spikes": sum(e.get("kind") in SPIKE_KINDS for e in run.events),
+        "rollbacks": sum(e.get("kind") == "rollback" for e in run.events),
+        "overflow steps": int(sum(overflow)),
+        "longest overflow run": longest_run(overflow),
+        "steps at min scale": sum(1 for s in scale if s <= min_scale),
+        "first overflow": next((s for s, o in zip(steps, overflow) if o), None),
+        "spike score loss": last.get("spike/score_loss"),
+        "spike score grad": last.get("spike/score_grad_norm"),
+        "tokens/s": statistics.median(tps) if tps else None,
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plots
+
+
+def _mark_events(ax, run: RunData, color: str, key: str) -> None:
+    """Spikes as triangles, rollbacks as diamonds, on the run's own curve."""
+    steps, values = run.series(key)
+    at = dict(zip(steps, values))
+    for e in run.events:
+        kind, step = e.get("kind"), e.get("step")
+        y = at.get(step)
+        if y is None or not math.isfinite(y):
+            continue
+        marker = "D" if kind == "rollback" else "^"
+        ax.plot([step], [y], marker=marker, color=color, markersize=9, markeredgecolor="black", zorder=5)
+
+
+def plot_losses(runs: list[RunData], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for run, color in zip(runs, COLORS):
+        steps, loss = run.series("train/loss")
+        ax.plot(steps, loss, color=color, lw=1, alpha=0.8, label=f"{run.label} train")
+        es, ev = run.series("eval/loss")
+        ax.plot(es, ev, color=color, lw=2, ls="--", marker="o", markersize=3, label=f"{run.label} eval")
+        _mark_events(ax, run, color, "train/loss")
+    ax.set(xlabel="step", ylabel="loss", title="Loss (▲ spike, ◆ rollback)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "loss.png")
+
+
+def plot_grad_norm(runs: list[RunData], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for run, color in zip(runs, COLORS):
+        steps, gn = run.series("train/grad_norm")
+        pts = [(s, g) for s, g in zip(steps, gn) if math.isfinite(g) and g > 0]
+        ax.plot([s for s, _ in pts], [g for _, g in pts], color=color, lw=1, label=run.label)
+        _mark_events(ax, run, color, "train/grad_norm")
+    ax.set_yscale("log")
+    ax.set(xlabel="step", ylabel="global grad norm (before clipping)", title="Gradient norm")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "grad_norm.png")
+
+
+def plot_loss_scale(runs: list[RunData], out: Path) -> Path | None:
+    fp16 = [(r, c) for r, c in zip(runs, COLORS) if r.series("train/loss_scale")[0]]
+    if not fp16:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for run, color in fp16:
+        steps, scale = run.series("train/loss_scale")
+        ax.step(steps, scale, where="post", color=color, lw=1.5, label=f"{run.label} loss scale")
+        osteps, flags = run.series("train/overflow")
+        at = dict(zip(steps, scale))
+        skipped = [s for s, f in zip(osteps, flags) if f and s in at]
+        ax.plot(
+            skipped,
+            [at[s] for s in skipped],
+            "x",
+            color="black",
+            markersize=5,
+            label=f"{run.name}: overflow, step skipped ({len(skipped)})",
+        )
+        min_scale = run.config.get("ds_config", {}).get("fp16", {}).get("min_loss_scale")
+        if min_scale:
+            ax.axhline(min_scale, color=color, ls=":", lw=1)
+    ax.set_yscale("log", base=2)
+    ax.set(xlabel="step", ylabel="loss scale", title="fp16 dynamic loss scale (dotted: DeepSpeed's minimum)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "loss_scale.png")
+
+
+def plot_loss_difference(a: RunData, b: RunData, out: Path) -> Path:
+    sa, la = a.series("train/loss")
+    sb, lb = b.series("train/loss")
+    common = sorted(set(sa) & set(sb))
+    da, db = dict(zip(sa, la)), dict(zip(sb, lb))
+    diff = [(s, da[s] - db[s]) for s in common if math.isfinite(da[s]) and math.isfinite(db[s])]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.plot([s for s, _ in diff], [d for _, d in diff], color="#444", lw=1)
+    for s in common:  # where one side is non-finite, the difference is undefined: mark it
+        if not (math.isfinite(da[s]) and math.isfinite(db[s])):
+            ax.axvspan(s - 0.5, s + 0.5, color="#d62728", alpha=0.15, lw=0)
+    ax.set(
+        xlabel="step",
+        ylabel=f"loss {a.name} − {b.name}",
+        title="Per-step training loss difference (shaded: one side non-finite)",
+    )
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "loss_difference.png")
+
+
+def plot_diagnostics(runs: list[RunData], out: Path, prefix: str = "diag/") -> list[Path]:
+    """One plot per diagnostic family (``diag/<family>/layer_<i>`` or ``diag/<name>``), all runs."""
+    families: dict[str, set[str]] = {}
+    for run in runs:
+        for r in run.metrics:
+            for k in r:
+                if k.startswith(prefix):
+                    families.setdefault(k[len(prefix) :].split("/")[0], set()).add(k)
+    paths = []
+    for family, keys in sorted(families.items()):
+        fig, ax = plt.subplots(figsize=(9, 4))
+        for run, color in zip(runs, COLORS):
+            for i, key in enumerate(sorted(keys)):
+                steps, vals = run.series(key)
+                if steps:
+                    ax.plot(
+                        steps,
+                        vals,
+                        color=color,
+                        lw=1,
+                        alpha=1 - 0.6 * i / max(len(keys), 1),
+                        label=f"{run.name} {key[len(prefix) + len(family) :].strip('/') or family}",
+                    )
+        ax.set(xlabel="step", title=f"{prefix}{family}")
+        if family in ("attn_logit_max", "grad_norm", "update_ratio", "param_norm", "grad_rms_over_eps"):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        paths.append(_save(fig, out / f"diag_{family}.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+COLUMNS = [
+    "run",
+    "precision",
+    "ended",
+    "steps",
+    "final eval loss",
+    "best eval loss",
+    "final train loss",
+    "spikes",
+    "rollbacks",
+    "overflow steps",
+    "longest overflow run",
+    "steps at min scale",
+    "first overflow",
+    "spike score loss",
+    "spike score grad",
+    "tokens/s",
+]
+
+
+def write_report(paths: list[str | Path], out: str | Path | None = None) -> tuple[Path, list[str]]:
+    """Plots, ``report.md`` and ``report.html`` for the runs; returns the folder and notes."""
+    runs = [load_run(p) for p in paths]
+    out = Path(out) if out else runs[0].path / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    notes = []
+    lengths = {r.name: summarize(r)["steps"] for r in runs}
+    if len(set(lengths.values())) > 1:
+        notes.append(
+            "The runs differ in length ("
+            + ", ".join(f"{k}: {v} steps" for k, v in lengths.items())
+            + "); each is plotted as far as it got and the difference covers the common steps."
+        )
+    plots = [plot_losses(runs, out), plot_grad_norm(runs, out), plot_loss_scale(runs, out)]
+    if len(runs) >= 2:
+        plots.append(plot_loss_difference(runs[0], runs[1], out))
+    plots += plot_diagnostics(runs, out)
+    plots = [p for p in plots if p is not None]
+    rows = [summarize(r) for r in runs]
+    story = [describe(r, row) for r, row in zip(runs, rows)]
+    (out / "report.md").write_text(_markdown(rows, story, notes, plots))
+    (out / "report.html").write_text(_html(rows, story, notes, plots))
+    return out, notes
+
+
+def describe(run: RunData, row: dict) -> str:
+    """One sentence on how the run went, from its numbers."""
+    text = f"{run.label}: {row['ended']} after {row['steps']} steps"
+    if row["overflow steps"]:
+        text += (
+            f"; {row['overflow steps']} overflow-skipped steps, the first at step {row['first overflow']}, "
+            f"the longest run {row['longest overflow run']} in a row"
+        )
+        _, scale = run.series("train/loss_scale")
+        if scale:
+            text += f"; the loss scale went from {scale[0]:g} to {scale[-1]:g}"
+    if row["spikes"]:
+        text += f"; {row['spikes']} spike event(s)"
+    if row["final eval loss"] is not None:
+        text += f"; final eval loss {_fmt(row['final eval loss'])}"
+    return text + "."
+
+
+def _markdown(rows, story, notes, plots) -> str:
+    lines = ["# dsinstab comparison", ""]
+    lines += [f"- {s}" for s in story] + [""]
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _html(rows, story, notes, plots) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in COLUMNS) + "</tr>" for r in rows
+    )
+    imgs = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{p.stem}</figcaption></figure>"
+        for p in plots
+    )
+    items = "".join(f"<li>{html.escape(s)}</li>" for s in story)
+    warn = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "th{background:#f3f3f3}img{max-width:100%}.note{background:#fff6d6;padding:.5em}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>dsinstab comparison</title>"
+        f"<style>{style}</style></head><body><h1>dsinstab comparison</h1><ul>{items}</ul>{warn}"
+        f"<table><tr>{head}</tr>{body}</table>{imgs}</body></html>\n"
+    )

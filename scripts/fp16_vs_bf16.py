@@ -1,0 +1,100 @@
+"""Train the same model on the same seed and data in fp16 and in bf16, then compare them.
+
+    python scripts/fp16_vs_bf16.py --preset fp16-collapse
+
+Both runs go through the DeepSpeed launcher, one after the other, with identical settings but the
+ds_config (``ds_configs/zero<stage>_fp16.json`` and ``..._bf16.json``). The report lands in
+``<output_dir>/<name>-report/`` and, when wandb is on, in a wandb run of its own.
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from dsinstab.config import ConfigError, load_config  # noqa: E402
+from dsinstab.report import write_report  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default=None, help="configs/presets/NAME.yaml applied to both runs")
+    p.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE"
+    )
+    p.add_argument("--config_dir", default=str(ROOT / "configs"))
+    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage of both ds_configs")
+    p.add_argument("--num_gpus", type=int, default=1, help="ranks per run")
+    p.add_argument("--overwrite", action="store_true", help="replace runs of the same names")
+    args = p.parse_args()
+    try:
+        cfg = load_config(args.config_dir, args.overrides, args.preset)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = cfg.utils.run_name or f"fp16-vs-bf16-{time.strftime('%Y%m%d-%H%M%S')}"
+    runs_dir = Path(cfg.utils.output_dir).expanduser()
+    started = time.time()
+    run_dirs = []
+    for precision in ("fp16", "bf16"):
+        run_name = f"{name}-{precision}"
+        cmd = [
+            shutil.which("deepspeed") or "deepspeed",
+            "--num_gpus",
+            str(args.num_gpus),
+            str(ROOT / "scripts" / "train.py"),
+            "--config_dir",
+            args.config_dir,
+            "--ds_config",
+            str(ROOT / "ds_configs" / f"zero{args.zero}_{precision}.json"),
+            *(["--preset", args.preset] if args.preset else []),
+            *(["--overwrite"] if args.overwrite else []),
+            "--set",
+            *args.overrides,
+            f"utils.run_name={run_name}",
+        ]
+        print(f"== {precision}: {' '.join(cmd[1:])}", flush=True)
+        code = subprocess.call(cmd)
+        if code == 2:
+            return 2  # bad input: the run already said why
+        print(f"== {precision} run ended with exit code {code}", flush=True)
+        run_dirs.append(runs_dir / run_name)
+    try:
+        out, notes = write_report(run_dirs, runs_dir / f"{name}-report")
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}")
+    print(f"report: {out / 'report.html'} ({time.time() - started:.0f}s for both runs and the report)")
+    if cfg.utils.report_to == "wandb":
+        log_to_wandb(out, cfg.utils.wandb_project, f"{name}-report")
+    return 0
+
+
+def log_to_wandb(out: Path, project: str, name: str) -> None:
+    import wandb
+
+    from dsinstab.tracking import wandb_mode
+
+    run = wandb.init(
+        project=project,
+        name=name,
+        dir=str(out),
+        mode=wandb_mode(),
+        settings=wandb.Settings(init_timeout=60, console="off"),
+    )
+    run.log(
+        {p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
+        | {"report": wandb.Html((out / "report.html").read_text())}
+    )
+    run.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
