@@ -31,6 +31,33 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written on some rank; the previous one is untouched."""
+
+
+def _attempt(write, folder: Path) -> str | None:
+    """Run a write; a full disk or other I/O failure becomes a message instead of an exception."""
+    try:
+        write()
+    except OSError as e:
+        return e.strerror or str(e)
+    except RuntimeError:
+        # torch.save reports a full disk as a RuntimeError of its zip writer
+        if shutil.disk_usage(folder).free < 1 << 20:
+            return "No space left on device"
+        raise
+    return None
+
+
+def _first_error(error: str | None) -> str | None:
+    """Every rank learns whether any rank failed, so all take the same branch."""
+    if dist.get_world_size() == 1:
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
 def tag_step(tag: str) -> int:
     m = TAG_RE.match(tag)
     return int(m.group(2)) if m else -1
@@ -44,12 +71,36 @@ class Checkpointer:
     # -- writing ------------------------------------------------------------------------------
 
     def save(self, tag: str, client_state: dict, step: int) -> None:
-        """Collective: every rank must call it with the same tag."""
-        self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        dist.barrier()
+        """Collective: every rank must call it with the same tag.
+
+        A failed write (a full disk) on any rank fails the save on every rank: the partial tag is
+        removed, ``latest`` keeps naming the previous checkpoint, and :class:`CheckpointWriteError`
+        says so.
+        """
+        error = _attempt(
+            lambda: self.engine.save_checkpoint(
+                str(self.dir), tag=tag, client_state=client_state, save_latest=False
+            ),
+            self.dir,
+        )
+        if error is None and self.is_main:
+            marker = json.dumps({"tag": tag, "step": step})
+            error = _attempt(lambda: write_atomic(self.dir / tag / MARKER, marker), self.dir)
+            error = error or _attempt(lambda: write_atomic(self.dir / "latest", tag), self.dir)
+        error = _first_error(error)
+        if error:
+            if self.is_main:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+            previous = self.latest_tag()
+            raise CheckpointWriteError(
+                f"checkpoint {tag} could not be written ({error}); "
+                + (
+                    f"{previous} is intact and --resume latest continues from it."
+                    if previous
+                    else "no earlier checkpoint exists."
+                )
+            )
         if self.is_main:
-            write_atomic(self.dir / tag / MARKER, json.dumps({"tag": tag, "step": step}))
-            write_atomic(self.dir / "latest", tag)
             self.prune()
         dist.barrier()
 

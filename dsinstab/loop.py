@@ -21,14 +21,15 @@ import torch
 from tqdm import tqdm
 
 from dsinstab import engine as eng
-from dsinstab.checkpoint import Checkpointer, write_atomic
+from dsinstab.checkpoint import Checkpointer, CheckpointWriteError, write_atomic
 from dsinstab.config import RunConfig, TrainerConfig
 from dsinstab.data import BatchOrder, PackedData
 from dsinstab.model import lm_loss
 from dsinstab.spikes import SpikeMonitor, firing_record
 from dsinstab.tracking import json_safe
 
-EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_MIN_LOSS_SCALE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_MIN_LOSS_SCALE, EXIT_STOPPED, EXIT_CHECKPOINT_FAILED = 0, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130
 HISTORY = 48  # logged values kept for the "before the event" part of an event record
 
 
@@ -97,6 +98,16 @@ def step_engine(engine) -> None:
 
 
 def train(run: Run) -> int:
+    """Train to ``max_steps``; returns the exit code (see the README)."""
+    try:
+        return _train(run)
+    except CheckpointWriteError as e:
+        run.sink.event({"step": run.step, "kind": "checkpoint_failed", "action": "stop", "message": str(e)})
+        run.say(f"step {run.step}: {e}")
+        return finish(run, "checkpoint_failed", EXIT_CHECKPOINT_FAILED)
+
+
+def _train(run: Run) -> int:
     t = run.cfg.trainer
     ctx = eng.compute_context(run.engine)
     install_signal_handlers(run)
@@ -361,9 +372,14 @@ def save(run: Run, tag: str, event: dict | None = None) -> None:
 def install_signal_handlers(run: Run) -> None:
     """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the current step."""
 
+    first: list[float] = []
+
     def handler(signum, frame):
-        if run.stop_requested:  # a second signal: give up at once
+        # Ctrl-C reaches the launcher and the ranks at once, and the launcher then sends SIGTERM:
+        # signals close together are one request. A second one, seconds later, gives up at once.
+        if first and time.monotonic() - first[0] > 5:
             raise KeyboardInterrupt
+        first[:] = first or [time.monotonic()]
         run.stop_requested = True
 
     signal.signal(signal.SIGTERM, handler)

@@ -29,6 +29,7 @@ ENDINGS = {
     "stopped": "stopped by a detector",
     "min_loss_scale": "died at the minimum loss scale",
     "interrupted": "interrupted (resumable)",
+    "checkpoint_failed": "stopped: a checkpoint could not be written",
     "running": "still running or killed",
 }
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]

@@ -145,7 +145,9 @@ class WandbSink(NullSink):
             dir=str(run_dir),
             config=config,
             resume="allow",
-            settings=wandb.Settings(init_timeout=60, console="off"),
+            settings=wandb.Settings(
+                init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)), console="off"
+            ),
         )
         mode = wandb_mode()
         try:
@@ -156,6 +158,8 @@ class WandbSink(NullSink):
             warnings.warn(
                 f"wandb could not start online ({type(e).__name__}); logging offline instead.", stacklevel=2
             )
+            wandb.teardown()  # the failed online run still holds its id in wandb's service
+            run_id = kwargs["id"] = uuid.uuid4().hex[:12]
             self.run = wandb.init(mode="offline", **kwargs)
         id_file.write_text(run_id)
         self.rows: list[list] = []

@@ -1,0 +1,129 @@
+"""Killed runs resume exactly, signals checkpoint, partial checkpoints are never `latest`,
+a full disk fails cleanly, wandb trouble never stops training, secrets stay out of the run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, assert_ok, env, free_port, launch, metrics, python_train, train_rows
+
+KEYS = ("train/loss", "train/grad_norm", "train/lr", "train/loss_scale", "eval/loss", "spike/score_loss")
+LONG = ("trainer.max_steps=20", "trainer.checkpoint_every=5", "trainer.eval_every=5")
+
+
+def _launch_cmd(tmp_path, cache_dir, ds, ranks, name, *extra):
+    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "scripts/train.py"),
+            "--ds_config", str(ROOT / "ds_configs" / f"{ds}.json"), "--set", *TINY, *LONG,
+            f"utils.output_dir={tmp_path / 'runs'}", f"utils.cache_dir={cache_dir}", f"utils.run_name={name}", *extra]
+
+
+def _wait_for_step(run_dir, step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(r.get("step", 0) >= step for r in metrics(run_dir)):
+            return
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.1)
+    raise TimeoutError
+
+
+@pytest.mark.parametrize("ds, ranks", [("zero2_fp32", 1), ("zero2_fp16", 1), ("zero3_bf16", 2)])
+def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir, ds, ranks):
+    proc, full = launch(tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="full")
+    assert_ok(proc)
+    killed = tmp_path / "runs" / "killed"
+    p = subprocess.Popen(_launch_cmd(tmp_path, cache_dir, ds, ranks, "killed"), cwd=ROOT, env=env(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_step(killed, 13, p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    logged = [r["step"] for r in train_rows(killed)]
+    assert logged == list(range(1, len(logged) + 1)) and len(logged) >= 13  # nothing logged was lost
+    proc, _ = launch(tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="killed", extra=("--resume", "latest"))
+    assert_ok(proc)
+    assert "resumed from step-" in proc.stdout
+    a, b = metrics(full), metrics(killed)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        for k in KEYS:
+            assert x.get(k) == y.get(k), (x["step"], k)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
+    out = tmp_path / "runs"
+    cmd = ["python", str(ROOT / "scripts/train.py"), "--set", *TINY, "trainer.max_steps=400",
+           "trainer.checkpoint_every=0", f"utils.output_dir={out}", f"utils.cache_dir={cache_dir}", "utils.run_name=t"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(out / "t", 5, p)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr[-2000:]
+    status = json.loads((out / "t" / "status.json").read_text())
+    assert status["state"] == "interrupted" and (out / "t/checkpoints/latest").read_text() == f"step-{status['step']}"
+    assert f"interrupted: saved step-{status['step']}; continue with --resume latest" in stdout
+    proc = python_train("--set", *TINY, "trainer.max_steps=" + str(status["step"] + 2), "trainer.checkpoint_every=0",
+                        f"utils.output_dir={out}", f"utils.cache_dir={cache_dir}", "utils.run_name=t",
+                        "--resume", "latest")
+    assert_ok(proc)
+    assert train_rows(out / "t")[-1]["step"] == status["step"] + 2
+
+
+def test_a_partial_checkpoint_is_never_resumed_and_is_cleaned_up(tmp_path, cache_dir):
+    proc, run = launch(tmp_path, cache_dir, "trainer.max_steps=12")
+    assert_ok(proc)
+    ckpts = run / "checkpoints"
+    # what a kill in the middle of writing step-18 leaves: some files, no completion marker
+    partial = ckpts / "step-18"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"\x00" * 100)
+    (ckpts / "latest").write_text("step-18")  # even a latest that names it is not trusted
+    proc, _ = launch(tmp_path, cache_dir, "trainer.max_steps=14", extra=("--resume", "latest"))
+    assert_ok(proc)
+    assert "resumed from step-12 at step 12" in proc.stdout
+
+
+def _tmpfs(path, size):
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+
+
+def test_a_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_one(tmp_path, cache_dir):
+    disk = tmp_path / "disk"
+    _tmpfs(disk, "3m")
+    try:
+        proc, run = launch(disk, cache_dir, "trainer.max_steps=30", "trainer.checkpoint_every=6", "trainer.keep_checkpoints=5")
+        assert proc.returncode == 5, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "could not be written (No space left on device)" in proc.stdout
+        assert "Traceback" not in proc.stdout + proc.stderr
+        latest = (run / "checkpoints" / "latest").read_text()
+        assert (run / "checkpoints" / latest / "dsinstab.json").exists()
+        tags = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+        assert all((run / "checkpoints" / t / "dsinstab.json").exists() for t in tags)  # no partial tag left
+        assert json.loads((run / "status.json").read_text())["state"] == "checkpoint_failed"
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_unreachable_wandb_falls_back_to_offline_and_keeps_secrets_out(tmp_path, cache_dir):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    e = dict(env(), WANDB_MODE="online", WANDB_API_KEY=secret, WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}",
+             WANDB_INIT_TIMEOUT="20")
+    cmd = ["python", str(ROOT / "scripts/train.py"), "--set", *TINY, "utils.report_to=wandb", "trainer.max_steps=4",
+           f"utils.output_dir={tmp_path}", f"utils.cache_dir={cache_dir}", "utils.run_name=w"]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)
+    assert_ok(proc)
+    assert time.time() - start < 200
+    assert "logging offline instead" in proc.stderr
+    assert [r["step"] for r in train_rows(tmp_path / "w")] == [1, 2, 3, 4]
+    for path in (tmp_path / "w").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
