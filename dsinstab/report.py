@@ -11,6 +11,7 @@ import base64
 import html
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,18 +150,41 @@ def _mark_events(ax, run: RunData, color: str, key: str) -> None:
         ax.plot([step], [y], marker=marker, color=color, markersize=9, markeredgecolor="black", zorder=5)
 
 
-def plot_losses(runs: list[RunData], out: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+def _draw_losses(ax, runs: list[RunData]) -> None:
     for run, color in zip(runs, COLORS):
         steps, loss = run.series("train/loss")
         ax.plot(steps, loss, color=color, lw=1, alpha=0.8, label=f"{run.label} train")
         es, ev = run.series("eval/loss")
         ax.plot(es, ev, color=color, lw=2, ls="--", marker="o", markersize=3, label=f"{run.label} eval")
         _mark_events(ax, run, color, "train/loss")
+        if run.status.get("state") in ("min_loss_scale", "stopped", "checkpoint_failed"):
+            ax.axvline(
+                run.status["step"],
+                color=color,
+                ls=":",
+                lw=1.5,
+                label=f"{run.name}: {ENDINGS[run.status['state']]}",
+            )
     ax.set(xlabel="step", ylabel="loss", title="Loss (▲ spike, ◆ rollback)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def plot_losses(runs: list[RunData], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    _draw_losses(ax, runs)
     return _save(fig, out / "loss.png")
+
+
+def plot_overview(runs: list[RunData], out: Path) -> Path | None:
+    """Loss above, fp16 loss scale below, on one step axis: the figure for a README."""
+    if not any(r.series("train/loss_scale")[0] for r in runs):
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=[3, 2])
+    _draw_losses(top, runs)
+    top.set_xlabel("")
+    _draw_loss_scale(bottom, runs)
+    return _save(fig, out / "overview.png")
 
 
 def plot_grad_norm(runs: list[RunData], out: Path) -> Path:
@@ -178,10 +202,15 @@ def plot_grad_norm(runs: list[RunData], out: Path) -> Path:
 
 
 def plot_loss_scale(runs: list[RunData], out: Path) -> Path | None:
-    fp16 = [(r, c) for r, c in zip(runs, COLORS) if r.series("train/loss_scale")[0]]
-    if not fp16:
+    if not any(r.series("train/loss_scale")[0] for r in runs):
         return None
     fig, ax = plt.subplots(figsize=(9, 4))
+    _draw_loss_scale(ax, runs)
+    return _save(fig, out / "loss_scale.png")
+
+
+def _draw_loss_scale(ax, runs: list[RunData]) -> None:
+    fp16 = [(r, c) for r, c in zip(runs, COLORS) if r.series("train/loss_scale")[0]]
     for run, color in fp16:
         steps, scale = run.series("train/loss_scale")
         ax.step(steps, scale, where="post", color=color, lw=1.5, label=f"{run.label} loss scale")
@@ -203,7 +232,6 @@ def plot_loss_scale(runs: list[RunData], out: Path) -> Path | None:
     ax.set(xlabel="step", ylabel="loss scale", title="fp16 dynamic loss scale (dotted: DeepSpeed's minimum)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, out / "loss_scale.png")
 
 
 def plot_loss_difference(a: RunData, b: RunData, out: Path) -> Path:
@@ -303,7 +331,12 @@ def write_report(paths: list[str | Path], out: str | Path | None = None) -> tupl
             + ", ".join(f"{k}: {v} steps" for k, v in lengths.items())
             + "); each is plotted as far as it got and the difference covers the common steps."
         )
-    plots = [plot_losses(runs, out), plot_grad_norm(runs, out), plot_loss_scale(runs, out)]
+    plots = [
+        plot_overview(runs, out),
+        plot_losses(runs, out),
+        plot_grad_norm(runs, out),
+        plot_loss_scale(runs, out),
+    ]
     if len(runs) >= 2:
         plots.append(plot_loss_difference(runs[0], runs[1], out))
     plots += plot_diagnostics(runs, out)
@@ -365,3 +398,17 @@ def _html(rows, story, notes, plots) -> str:
         f"<style>{style}</style></head><body><h1>dsinstab comparison</h1><ul>{items}</ul>{warn}"
         f"<table><tr>{head}</tr>{body}</table>{imgs}</body></html>\n"
     )
+
+
+def report_command(paths: list[str | Path], out: str | Path | None) -> Path | None:
+    """What the scripts do: write the report, print its notes and where it is; on bad input print
+    the one-sentence error and return ``None`` (the scripts exit 2)."""
+    try:
+        folder, notes = write_report(paths, out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+    for note in notes:
+        print(f"note: {note}")
+    print(f"report: {folder / 'report.html'} (and report.md, *.png)")
+    return folder

@@ -6,8 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dsinstab.config import ConfigError  # noqa: E402
-from dsinstab.report import write_report  # noqa: E402
+from dsinstab.report import report_command  # noqa: E402
 
 
 def main() -> int:
@@ -15,15 +14,7 @@ def main() -> int:
     p.add_argument("runs", nargs="+", help="run directories (the first two get the per-step loss difference)")
     p.add_argument("--out", default=None, help="output folder (default: report/ inside the first run)")
     args = p.parse_args()
-    try:
-        out, notes = write_report(args.runs, args.out)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(f"note: {note}")
-    print(f"report: {out / 'report.html'} (and report.md, *.png)")
-    return 0
+    return 0 if report_command(args.runs, args.out) else 2
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from dsinstab.config import ConfigError, load_config  # noqa: E402
-from dsinstab.report import write_report  # noqa: E402
+from dsinstab.report import report_command  # noqa: E402
 
 
 def main() -> int:
@@ -64,14 +64,10 @@ def main() -> int:
             return 2  # bad input: the run already said why
         print(f"== {precision} run ended with exit code {code}", flush=True)
         run_dirs.append(runs_dir / run_name)
-    try:
-        out, notes = write_report(run_dirs, runs_dir / f"{name}-report")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    out = report_command(run_dirs, runs_dir / f"{name}-report")
+    if out is None:
         return 2
-    for note in notes:
-        print(f"note: {note}")
-    print(f"report: {out / 'report.html'} ({time.time() - started:.0f}s for both runs and the report)")
+    print(f"both runs and the report took {time.time() - started:.0f}s")
     if cfg.utils.report_to == "wandb":
         log_to_wandb(out, cfg.utils.wandb_project, f"{name}-report")
     return 0

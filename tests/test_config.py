@@ -83,6 +83,10 @@ def test_overrides_are_typed_and_nested():
         ("model.n_head=3", "model.d_model (256) must be divisible by model.n_head (3)"),
         ("optim.lr=1", "must start with one of trainer, model, dataset, utils"),
         ("trainer.spikes=1", "trainer.spikes is a section"),
+        (
+            "model.max_position=128",
+            "model.seq_len (256) is longer than the model allows (model.max_position = 128)",
+        ),
     ],
 )
 def test_bad_overrides_are_refused_with_the_key(override, message):
@@ -206,3 +210,14 @@ def test_presets_hold_only_known_sections(tmp_path):
     p.write_text(json.dumps({"trainr": {"lr": 1}}))
     with pytest.raises(ConfigError, match="unknown section trainr \\(did you mean trainer\\?\\)"):
         load_config(ROOT / "configs", preset=p)
+
+
+def test_resume_needs_a_complete_checkpoint(tmp_path):
+    from dsinstab.checkpoint import Checkpointer
+
+    ck = Checkpointer(engine=None, run_dir=tmp_path, keep=2, is_main=True)
+    with pytest.raises(ConfigError, match="--resume latest: .* holds no complete checkpoint"):
+        ck.resolve("latest")
+    (tmp_path / "checkpoints" / "step-5").mkdir(parents=True)  # partial: no marker
+    with pytest.raises(ConfigError, match="no complete checkpoint step-5 .* have: none"):
+        ck.resolve("step-5")

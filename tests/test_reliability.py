@@ -18,9 +18,23 @@ LONG = ("trainer.max_steps=20", "trainer.checkpoint_every=5", "trainer.eval_ever
 
 
 def _launch_cmd(tmp_path, cache_dir, ds, ranks, name, *extra):
-    return ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()), str(ROOT / "scripts/train.py"),
-            "--ds_config", str(ROOT / "ds_configs" / f"{ds}.json"), "--set", *TINY, *LONG,
-            f"utils.output_dir={tmp_path / 'runs'}", f"utils.cache_dir={cache_dir}", f"utils.run_name={name}", *extra]
+    return [
+        "deepspeed",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "scripts/train.py"),
+        "--ds_config",
+        str(ROOT / "ds_configs" / f"{ds}.json"),
+        "--set",
+        *TINY,
+        *LONG,
+        f"utils.output_dir={tmp_path / 'runs'}",
+        f"utils.cache_dir={cache_dir}",
+        f"utils.run_name={name}",
+        *extra,
+    ]
 
 
 def _wait_for_step(run_dir, step, proc, timeout=300):
@@ -39,14 +53,22 @@ def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir,
     proc, full = launch(tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="full")
     assert_ok(proc)
     killed = tmp_path / "runs" / "killed"
-    p = subprocess.Popen(_launch_cmd(tmp_path, cache_dir, ds, ranks, "killed"), cwd=ROOT, env=env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        _launch_cmd(tmp_path, cache_dir, ds, ranks, "killed"),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     _wait_for_step(killed, 13, p)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     logged = [r["step"] for r in train_rows(killed)]
     assert logged == list(range(1, len(logged) + 1)) and len(logged) >= 13  # nothing logged was lost
-    proc, _ = launch(tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="killed", extra=("--resume", "latest"))
+    proc, _ = launch(
+        tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="killed", extra=("--resume", "latest")
+    )
     assert_ok(proc)
     assert "resumed from step-" in proc.stdout
     a, b = metrics(full), metrics(killed)
@@ -58,19 +80,39 @@ def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir,
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
     out = tmp_path / "runs"
-    cmd = ["python", str(ROOT / "scripts/train.py"), "--set", *TINY, "trainer.max_steps=400",
-           "trainer.checkpoint_every=0", f"utils.output_dir={out}", f"utils.cache_dir={cache_dir}", "utils.run_name=t"]
+    cmd = [
+        "python",
+        str(ROOT / "scripts/train.py"),
+        "--set",
+        *TINY,
+        "trainer.max_steps=400",
+        "trainer.checkpoint_every=0",
+        f"utils.output_dir={out}",
+        f"utils.cache_dir={cache_dir}",
+        "utils.run_name=t",
+    ]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(out / "t", 5, p)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 130, stderr[-2000:]
     status = json.loads((out / "t" / "status.json").read_text())
-    assert status["state"] == "interrupted" and (out / "t/checkpoints/latest").read_text() == f"step-{status['step']}"
+    assert (
+        status["state"] == "interrupted"
+        and (out / "t/checkpoints/latest").read_text() == f"step-{status['step']}"
+    )
     assert f"interrupted: saved step-{status['step']}; continue with --resume latest" in stdout
-    proc = python_train("--set", *TINY, "trainer.max_steps=" + str(status["step"] + 2), "trainer.checkpoint_every=0",
-                        f"utils.output_dir={out}", f"utils.cache_dir={cache_dir}", "utils.run_name=t",
-                        "--resume", "latest")
+    proc = python_train(
+        "--set",
+        *TINY,
+        "trainer.max_steps=" + str(status["step"] + 2),
+        "trainer.checkpoint_every=0",
+        f"utils.output_dir={out}",
+        f"utils.cache_dir={cache_dir}",
+        "utils.run_name=t",
+        "--resume",
+        "latest",
+    )
     assert_ok(proc)
     assert train_rows(out / "t")[-1]["step"] == status["step"] + 2
 
@@ -91,7 +133,9 @@ def test_a_partial_checkpoint_is_never_resumed_and_is_cleaned_up(tmp_path, cache
 
 def _tmpfs(path, size):
     path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    ).returncode:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
 
 
@@ -99,7 +143,13 @@ def test_a_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_on
     disk = tmp_path / "disk"
     _tmpfs(disk, "3m")
     try:
-        proc, run = launch(disk, cache_dir, "trainer.max_steps=30", "trainer.checkpoint_every=6", "trainer.keep_checkpoints=5")
+        proc, run = launch(
+            disk,
+            cache_dir,
+            "trainer.max_steps=30",
+            "trainer.checkpoint_every=6",
+            "trainer.keep_checkpoints=5",
+        )
         assert proc.returncode == 5, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "could not be written (No space left on device)" in proc.stdout
         assert "Traceback" not in proc.stdout + proc.stderr
@@ -114,10 +164,24 @@ def test_a_full_disk_during_a_checkpoint_fails_clearly_and_keeps_the_previous_on
 
 def test_unreachable_wandb_falls_back_to_offline_and_keeps_secrets_out(tmp_path, cache_dir):
     secret = "0123456789abcdef0123456789abcdef01234567"
-    e = dict(env(), WANDB_MODE="online", WANDB_API_KEY=secret, WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}",
-             WANDB_INIT_TIMEOUT="20")
-    cmd = ["python", str(ROOT / "scripts/train.py"), "--set", *TINY, "utils.report_to=wandb", "trainer.max_steps=4",
-           f"utils.output_dir={tmp_path}", f"utils.cache_dir={cache_dir}", "utils.run_name=w"]
+    e = dict(
+        env(),
+        WANDB_MODE="online",
+        WANDB_API_KEY=secret,
+        WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}",
+        WANDB_INIT_TIMEOUT="20",
+    )
+    cmd = [
+        "python",
+        str(ROOT / "scripts/train.py"),
+        "--set",
+        *TINY,
+        "utils.report_to=wandb",
+        "trainer.max_steps=4",
+        f"utils.output_dir={tmp_path}",
+        f"utils.cache_dir={cache_dir}",
+        "utils.run_name=w",
+    ]
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=240)
     assert_ok(proc)

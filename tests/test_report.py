@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, assert_ok, ds_config, env, launch, train_rows
 from dsinstab.report import load_run, summarize
 
-PNGS = {"loss.png", "grad_norm.png", "loss_scale.png", "loss_difference.png"}
+PNGS = {"overview.png", "loss.png", "grad_norm.png", "loss_scale.png", "loss_difference.png"}
 
 
 def compare(*args) -> subprocess.CompletedProcess:
