@@ -125,6 +125,7 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
     from dsinstab import loop
     from dsinstab.checkpoint import Checkpointer
     from dsinstab.data import BatchOrder, prepare_data
+    from dsinstab.diagnostics import Diagnostics
     from dsinstab.engine import build_engine
     from dsinstab.model import build_model, count_parameters
     from dsinstab.spikes import SpikeMonitor
@@ -179,6 +180,7 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
         order=BatchOrder(len(data.train), t.micro_batch_size, world, rank, t.seed),
         monitor=SpikeMonitor(t.spikes, precision(cfg.ds_config) == "fp16"),
         checkpointer=checkpointer,
+        diagnostics=Diagnostics(t.diagnostics, model, engine, t.adam_eps, t.adam_beta2),
         sink=NullSink(),
         run_dir=run_dir,
         rank=rank,

@@ -67,6 +67,9 @@ class InjectConfig:
     factor: float = param(1000.0, "the multiplier applied for that one step", gt=0)
 
 
+PROBES = ("attn_logits", "out_logits", "layer_norms", "adam", "activations")
+
+
 @dataclass
 class DiagnosticsConfig:
     every: int = param(0, "run the probes every this many steps (0 = off)", ge=0)
@@ -298,6 +301,12 @@ def load_config(
     for section in SECTIONS:
         check(getattr(cfg, section), _source_of(config_dir, section, preset, overrides), section)
     check_consistency(cfg, _source_of(config_dir, "model", preset, overrides))
+    unknown = [p for p in cfg.trainer.diagnostics.probes.split(",") if p.strip() not in PROBES]
+    if unknown:
+        where = _source_of(config_dir, "trainer", preset, overrides)
+        raise ConfigError(
+            f"{where}: trainer.diagnostics.probes has unknown {unknown[0].strip()!r}; allowed: {', '.join(PROBES)}."
+        )
     return cfg
 
 

@@ -50,6 +50,7 @@ class Run:
     monitor: SpikeMonitor
     checkpointer: Checkpointer
     sink: object
+    diagnostics: object  # dsinstab.diagnostics.Diagnostics
     run_dir: Path
     rank: int
     world: int
@@ -68,19 +69,24 @@ class Run:
 def train_step(run: Run, ctx) -> tuple[torch.Tensor, float]:
     """One optimizer step over ``gradient_accumulation_steps`` micro batches.
 
-    Returns this rank's mean loss (a tensor: no host sync here) and the global grad norm.
+    Returns this rank's mean (loss, z-loss) as a tensor (no host sync here) and the global grad
+    norm. The probes see the logits, and the model just before and after the optimizer step.
     """
-    engine, gas = run.engine, run.cfg.trainer.gradient_accumulation_steps
-    total, norm_before = torch.zeros(()), None
+    engine, gas, diag = run.engine, run.cfg.trainer.gradient_accumulation_steps, run.diagnostics
+    total, norm_before = torch.zeros(2), None
     for micro in range(gas):
         batch = run.data.blocks("train", run.order.next())
         with ctx:
-            loss, _ = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:], run.cfg.trainer.z_loss)
+            logits = engine(input_ids=batch[:, :-1]).logits
+            diag.observe_logits(logits)
+            loss, parts = lm_loss(logits, batch[:, 1:], run.cfg.trainer.z_loss)
             engine.backward(loss)
-        if micro == gas - 1 and eng.needs_pre_step_norm(engine):
-            norm_before = eng.grads_norm(run.model)
+        if micro == gas - 1:  # the accumulation boundary: engine.step() below applies the update
+            norm_before = eng.grads_norm(run.model) if eng.needs_pre_step_norm(engine) else None
+            diag.before_step()
         step_engine(engine)
-        total += loss.detach().float()
+        total += torch.stack([parts["ce"], parts.get("z_loss", torch.zeros(()))]).float()
+    diag.after_step()
     return total / gas, eng.grad_norm(engine, run.model, norm_before)
 
 
@@ -119,18 +125,21 @@ def _train(run: Run) -> int:
     while run.step < t.max_steps:
         step = run.step + 1
         lr = eng.current_lr(run.engine)
+        run.diagnostics.begin_step(step)
         t0 = time.perf_counter()
         try:
             with injected_fault(run, step):
-                loss, grad_norm = train_step(run, ctx)
+                losses, grad_norm = train_step(run, ctx)
         except LossScaleAtMinimum as e:
             return on_min_loss_scale(run, step, str(e))
         window_time += time.perf_counter() - t0
         window_tokens += tokens_per_step
         run.step, run.tokens_seen = step, run.tokens_seen + tokens_per_step
-        loss, stop = reduce_step(run, loss)
+        (ce, z_loss), stop = reduce_step(run, losses)
+        loss = ce + z_loss
         overflow, scale = eng.overflowed(run.engine), eng.loss_scale(run.engine)
         firings, spike_metrics = run.monitor.observe(loss, grad_norm, overflow, scale)
+        diag_metrics = run.diagnostics.collect()
         metrics = {
             "train/loss": loss,
             "train/lr": lr,
@@ -139,9 +148,11 @@ def _train(run: Run) -> int:
             "train/skipped_steps": int(run.engine.skipped_steps),
             **precision_metrics(run.engine, scale),
             **spike_metrics,
+            **({"train/z_loss": z_loss, "train/ce_loss": ce} if t.z_loss else {}),
         }
         run.history.append({"step": step, **metrics})
-        if step % t.log_every == 0 or step == t.max_steps:
+        metrics |= diag_metrics
+        if step % t.log_every == 0 or step == t.max_steps or diag_metrics:
             metrics["train/tokens_per_s"] = window_tokens / max(window_time, 1e-9)
             run.sink.log(step, metrics)
             window_time, window_tokens = 0.0, 0
@@ -173,12 +184,12 @@ def precision_metrics(engine, scale: float | None) -> dict:
     return out
 
 
-def reduce_step(run: Run, loss: torch.Tensor) -> tuple[float, bool]:
-    """Mean loss over ranks, and whether any rank was asked to stop: one collective per step."""
-    buf = torch.stack([loss.float(), torch.tensor(float(run.stop_requested))])
+def reduce_step(run: Run, losses: torch.Tensor) -> tuple[list[float], bool]:
+    """Mean losses over ranks, and whether any rank was asked to stop: one collective per step."""
+    buf = torch.cat([losses.float(), torch.tensor([float(run.stop_requested)])])
     if run.world > 1:
         dist.all_reduce(buf)
-    return float(buf[0]) / run.world, bool(buf[1] > 0)
+    return (buf[:-1] / run.world).tolist(), bool(buf[-1] > 0)
 
 
 @torch.no_grad()

@@ -1,0 +1,133 @@
+"""Probes against direct computations, the same under ZeRO-0, ZeRO-3 and two ranks; mitigation keys."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_ok, ds_config, launch, train_rows
+from dsinstab.config import ModelConfig
+from dsinstab.diagnostics import AttentionLogitProbe, OutputLogitProbe
+from dsinstab.model import build_model
+
+TINY = dict(n_layer=2, d_model=64, n_head=4, seq_len=16)
+
+
+def test_attention_probe_matches_an_explicit_causal_q_kT():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) * 3 for _ in range(3))
+    # make a future position hold the largest logit: the causal mask must hide it
+    k[:, :, -1] = q[:, :, 0] * 10
+    module = types.SimpleNamespace(layer_idx=3, is_causal=True, num_key_value_groups=1, training=False)
+    probe = AttentionLogitProbe()
+    probe.active = True
+    out, _ = probe.attention(module, q, k, v, None, scaling=8**-0.5)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(8)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    assert probe.maxima[3] == pytest.approx(float(scores.masked_fill(~causal, -math.inf).amax()), rel=1e-5)
+    assert probe.maxima[3] < float(scores.amax())  # the unmasked maximum is in the future
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_the_probe_attention_changes_nothing_and_records_every_layer(arch):
+    model = build_model(ModelConfig(arch=arch, **TINY), vocab_size=100, eos_id=99, seed=0).eval()
+    x = torch.randint(0, 100, (2, 16))
+    ref = model(input_ids=x).logits
+    probe = AttentionLogitProbe()
+    probe.attach(model)
+    probe.active = True
+    assert torch.allclose(model(input_ids=x).logits, ref, atol=1e-5)
+    assert sorted(probe.maxima) == [0, 1]
+    probe.active = False
+    model(input_ids=x)
+    assert probe.collect() and probe.maxima == {}
+
+
+def test_log_z_matches_logsumexp():
+    logits = torch.randn(3, 7, 50) * 4
+    probe = OutputLogitProbe()
+    probe.active = True
+    probe.observe(logits)
+    out = probe.collect()
+    assert out["diag/log_z"] == pytest.approx(float(torch.logsumexp(logits, -1).mean()), rel=1e-6)
+    assert out["diag/out_logit_max"] == pytest.approx(float(logits.max()))
+    assert out["diag/out_logit_mean"] == pytest.approx(float(logits.mean()), abs=1e-6)
+
+
+DIAG = (
+    "trainer.max_steps=4",
+    "trainer.diagnostics.every=2",
+    "trainer.checkpoint_every=0",
+    "trainer.eval_every=100",
+)
+
+
+def _diag(run):
+    return [
+        {k: v for k, v in r.items() if k.startswith("diag/")} for r in train_rows(run) if "diag/log_z" in r
+    ]
+
+
+def test_probes_agree_under_zero0_zero3_and_two_ranks(tmp_path, cache_dir):
+    """One rank with micro batch 8 reads the same global batch as two ranks with 4 each."""
+    zero0 = ds_config(tmp_path, "zero2_fp32", zero_optimization={"stage": 0})
+    zero3 = ds_config(tmp_path / "..", "zero2_fp32", zero_optimization={"stage": 3})
+    runs = {}
+    for name, ds, ranks, mbs in [("z0", zero0, 1, 8), ("z3", zero3, 1, 8), ("z3x2", zero3, 2, 4)]:
+        proc, run = launch(
+            tmp_path, cache_dir, *DIAG, f"trainer.micro_batch_size={mbs}", ds=ds, ranks=ranks, name=name
+        )
+        assert_ok(proc)
+        runs[name] = _diag(run)
+    base = runs["z0"]
+    assert [len(r) for r in base] == [len(r) for r in runs["z3x2"]] and len(base) == 2
+    keys = set(base[0])
+    assert {
+        "diag/attn_logit_max/layer_1",
+        "diag/grad_norm/layer_0",
+        "diag/update_ratio/embed",
+        "diag/adam_rms_over_eps/layer_1",
+        "diag/act_rms/layer_1",
+        "diag/log_z",
+    } <= keys
+    for other in ("z3", "z3x2"):
+        for a, b in zip(base, runs[other]):
+            assert set(a) == set(b)
+            for k in a:
+                assert b[k] == pytest.approx(a[k], rel=2e-3, abs=1e-6), (other, k)
+
+
+def test_layer_grad_norms_add_up_to_the_global_norm(tmp_path, cache_dir):
+    proc, run = launch(tmp_path, cache_dir, *DIAG, ds="zero2_bf16")
+    assert_ok(proc)
+    for r in train_rows(run):
+        if "diag/log_z" in r:
+            parts = [v for k, v in r.items() if k.startswith("diag/grad_norm/")]
+            assert math.sqrt(sum(p * p for p in parts)) == pytest.approx(r["train/grad_norm"], rel=1e-3)
+
+
+def test_z_loss_is_part_of_the_loss_and_logged(tmp_path, cache_dir):
+    proc, run = launch(
+        tmp_path, cache_dir, "trainer.max_steps=3", "trainer.z_loss=1e-2", "trainer.checkpoint_every=0"
+    )
+    assert_ok(proc)
+    for r in train_rows(run):
+        assert r["train/z_loss"] > 0
+        assert r["train/loss"] == pytest.approx(r["train/ce_loss"] + r["train/z_loss"])
+
+
+def test_init_std_and_embedding_scale_switches():
+    small = build_model(ModelConfig(arch="llama", init_std=0.002, **TINY), 100, 99, seed=0)
+    large = build_model(ModelConfig(arch="llama", init_std=0.05, **TINY), 100, 99, seed=0)
+    w = lambda m: m.model.layers[0].mlp.up_proj.weight.std().item()  # noqa: E731
+    assert w(small) == pytest.approx(0.002, rel=0.1) and w(large) == pytest.approx(0.05, rel=0.1)
+    scaled = build_model(ModelConfig(arch="llama", embedding_scale=8.0, **TINY), 100, 99, seed=0)
+    x = torch.randint(0, 100, (1, 16))
+    emb = scaled.get_input_embeddings()
+    assert torch.allclose(emb(x), 8.0 * F.embedding(x, emb.weight))
