@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import random
+import resource
 import signal
 import time
 from collections import deque
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from dsinstab import engine as eng
 from dsinstab.checkpoint import Checkpointer, CheckpointWriteError, write_atomic
-from dsinstab.config import RunConfig, TrainerConfig
+from dsinstab.config import RunConfig
 from dsinstab.data import BatchOrder, PackedData
 from dsinstab.model import lm_loss
 from dsinstab.spikes import SpikeMonitor, firing_record
@@ -412,12 +413,13 @@ def write_status(run: Run, state: str, code: int | None) -> None:
     if run.rank == 0:
         write_atomic(
             run.run_dir / "status.json",
-            json.dumps({"state": state, "step": run.step, "exit_code": code, "tokens_seen": run.tokens_seen}),
+            json.dumps(
+                {
+                    "state": state,
+                    "step": run.step,
+                    "exit_code": code,
+                    "tokens_seen": run.tokens_seen,
+                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                }
+            ),
         )
-
-
-def trainer_summary(t: TrainerConfig) -> str:
-    return (
-        f"{t.max_steps} steps, lr {t.lr:g}, warmup {t.warmup_steps}, micro batch {t.micro_batch_size}"
-        f" x {t.gradient_accumulation_steps} accumulation"
-    )

@@ -10,6 +10,7 @@ import json
 import math
 import netrc
 import os
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -94,7 +95,7 @@ class LocalSink(NullSink):
         self.events = JsonlFile(run_dir / "events.jsonl")
 
     def log(self, step: int, metrics: dict) -> None:
-        self.metrics.write({"step": step, **metrics})
+        self.metrics.write({"step": step, "time": round(time.time(), 3), **metrics})
 
     def event(self, record: dict) -> None:
         self.events.write(record)

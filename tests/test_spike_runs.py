@@ -111,12 +111,7 @@ def test_fp16_run_at_the_minimum_loss_scale_ends_clearly(tmp_path, cache_dir, ra
     assert {"nonfinite_loss", "loss_scale_floor"} <= kinds
     assert (run / "checkpoints" / "spike-19" / "dsinstab.json").exists()
     status = json.loads((run / "status.json").read_text())
-    assert status == {
-        "state": "min_loss_scale",
-        "step": 18,
-        "exit_code": 3,
-        "tokens_seen": status["tokens_seen"],
-    }
+    assert (status["state"], status["step"], status["exit_code"]) == ("min_loss_scale", 18, 3)
     scales = [r["train/loss_scale"] for r in train_rows(run)][10:]
     assert scales == [128.0, 64.0, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0]
 

@@ -1,0 +1,326 @@
+"""Benchmarks, as ratios measured side by side in one run: ``python benchmarks/run.py [--quick]``.
+
+1. dsinstab's loop (default logging, spike detection, periodic checkpoints; then diagnostics every
+   50 steps and every step) against a bare DeepSpeed loop and a plain PyTorch loop, on the same
+   model, data and ds_config, the sides alternated.
+2. Model FLOPs utilisation against the matmul peak ``torch.matmul`` reaches here, same precision.
+3. Start-up: time to the first step from a cold and a warm dataset cache; tokenization throughput;
+   a spike checkpoint's save time against one step.
+4. Scaling: one rank against two, ZeRO stages 0-3: tokens/s and peak memory per rank.
+
+Nothing here is a test: times on shared machines are noisy, so only ratios of sides measured in
+the same run are reported. ``--out FILE`` writes the table as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from dsinstab.cli import _single_process_env  # noqa: E402
+from dsinstab.config import load_config, precision, read_ds_config, resolve_ds_config  # noqa: E402
+
+
+def config(ds: str, *overrides: str):
+    cfg = load_config(ROOT / "configs", list(overrides))
+    path = ROOT / "ds_configs" / f"{ds}.json"
+    cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
+    cfg.ds_config_path = str(path)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The sides of the overhead comparison
+
+
+def bare_deepspeed(cfg, data, steps: int) -> float:
+    """Engine forward, backward, step, nothing else: tokens/s over ``steps`` after 3 warm-up steps."""
+    from dsinstab.data import BatchOrder
+    from dsinstab.engine import build_engine, compute_context
+    from dsinstab.model import build_model, lm_loss
+
+    t = cfg.trainer
+    model = build_model(cfg.model, cfg.dataset.vocab_size, data.eos_id, t.seed)
+    engine = build_engine(model, t, cfg.ds_config)
+    order, ctx = BatchOrder(len(data.train), t.micro_batch_size, 1, 0, t.seed), compute_context(engine)
+    for i in range(steps + 3):
+        if i == 3:
+            start = time.perf_counter()
+        batch = data.blocks("train", order.next())
+        with ctx:
+            loss, _ = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:], 0.0)
+            engine.backward(loss)
+        engine.step()
+    return steps * t.micro_batch_size * cfg.model.seq_len / (time.perf_counter() - start)
+
+
+def plain_pytorch(cfg, data, steps: int) -> float:
+    """A nanoGPT-style loop: fp32 weights, bf16 autocast, torch AdamW, clipping; no DeepSpeed."""
+    from dsinstab.data import BatchOrder
+    from dsinstab.engine import param_groups
+    from dsinstab.model import build_model, lm_loss
+
+    t = cfg.trainer
+    model = build_model(cfg.model, cfg.dataset.vocab_size, data.eos_id, t.seed)
+    opt = torch.optim.AdamW(param_groups(model, t), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), foreach=True)
+    order = BatchOrder(len(data.train), t.micro_batch_size, 1, 0, t.seed)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision(cfg.ds_config) == "bf16")
+    for i in range(steps + 3):
+        if i == 3:
+            start = time.perf_counter()
+        batch = data.blocks("train", order.next())
+        with autocast:
+            loss, _ = lm_loss(model(input_ids=batch[:, :-1]).logits, batch[:, 1:], 0.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return steps * t.micro_batch_size * cfg.model.seq_len / (time.perf_counter() - start)
+
+
+def dsinstab_loop(ds: str, steps: int, out: Path, *overrides: str) -> float:
+    """The real entry point in this process; tokens/s from the wall-clock times of metrics.jsonl
+    between step 4 and the last step, so logging, detectors and checkpoints are all inside."""
+    from dsinstab.cli import main
+    from dsinstab.tracking import read_jsonl
+
+    name = f"bench-{time.monotonic_ns()}"
+    code = main(
+        [
+            "--ds_config",
+            str(ROOT / "ds_configs" / f"{ds}.json"),
+            "--set",
+            f"trainer.max_steps={steps + 3}",
+            f"trainer.eval_every={10**6}",
+            "utils.report_to=none",
+            "utils.progress_bar=false",
+            f"utils.output_dir={out}",
+            f"utils.run_name={name}",
+            *overrides,
+        ]
+    )
+    assert code == 0, f"dsinstab run exited {code}"
+    rows = [r for r in read_jsonl(out / name / "metrics.jsonl") if "train/loss" in r]
+    t0, t1 = rows[2]["time"], rows[-1]["time"]
+    cfg = config(ds, *overrides)
+    shutil.rmtree(out / name)
+    return steps * cfg.trainer.micro_batch_size * cfg.model.seq_len / (t1 - t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine's limit
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def flops_per_token(cfg, n_params: int) -> float:
+    """6N for the weights (forward and backward) plus the attention scores, 12 · layers · T · d."""
+    m = cfg.model
+    return 6 * n_params + 12 * m.n_layer * m.seq_len * m.d_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up and scaling, through the launcher
+
+
+def first_step_seconds(cache: Path, out: Path, name: str) -> float:
+    start = time.time()
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/train.py"),
+            "--set",
+            "trainer.max_steps=1",
+            "utils.report_to=none",
+            "utils.progress_bar=false",
+            f"utils.cache_dir={cache}",
+            f"utils.output_dir={out}",
+            f"utils.run_name={name}",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    line = next(
+        json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if "train/loss" in ln
+    )
+    return line["time"] - start
+
+
+def scaling_run(ds: str, ranks: int, steps: int, out: Path) -> tuple[float, float]:
+    name = f"scale-{ds}-{ranks}"
+    subprocess.run(
+        [
+            "deepspeed",
+            "--num_gpus",
+            str(ranks),
+            str(ROOT / "scripts/train.py"),
+            "--ds_config",
+            str(ROOT / "ds_configs" / f"{ds}.json"),
+            "--set",
+            f"trainer.max_steps={steps}",
+            f"trainer.eval_every={10**6}",
+            "trainer.checkpoint_every=0",
+            "utils.report_to=none",
+            "utils.progress_bar=false",
+            f"utils.output_dir={out}",
+            f"utils.run_name={name}",
+        ],
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    rows = [
+        json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if "train/loss" in ln
+    ]
+    status = json.loads((out / name / "status.json").read_text())
+    return statistics.median(r["train/tokens_per_s"] for r in rows[3:]), status["peak_rss_mb"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--quick", action="store_true", help="fewer steps and repeats, no ZeRO-stage sweep (~5 min)"
+    )
+    p.add_argument("--ds", default="zero2_bf16", help="ds_config of the overhead comparison")
+    p.add_argument("--out", default=None, help="also write the Markdown table here")
+    args = p.parse_args()
+    steps, repeats = (100, 2) if args.quick else (200, 3)
+    _single_process_env()
+    import deepspeed
+
+    deepspeed.init_distributed(verbose=False)
+    from dsinstab.data import prepare_data
+    from dsinstab.model import build_model, count_parameters
+
+    work = Path(tempfile.mkdtemp(prefix="dsinstab-bench-"))
+    cfg = config(args.ds)
+    rows: list[tuple[str, str]] = []
+
+    # 3. data first: a cold cache, then a warm one
+    cold = work / "cold-cache"
+    start = time.perf_counter()
+    data = prepare_data(cfg.dataset, cfg.model.seq_len, cold, log=lambda m: None)
+    tok_time = time.perf_counter() - start
+    tokens = (len(data.train) + len(data.validation)) * (cfg.model.seq_len + 1)
+    rows.append(
+        (
+            "tokenize + pack the built-in corpus (cold, BPE training included)",
+            f"{tok_time:.1f} s, {tokens / tok_time / 1e3:.0f}k tokens/s",
+        )
+    )
+    rows.append(
+        (
+            "time to first step, cold cache (python scripts/train.py)",
+            f"{first_step_seconds(work / 'c2', work, 'cold'):.1f} s",
+        )
+    )
+    rows.append(("time to first step, warm cache", f"{first_step_seconds(work / 'c2', work, 'warm'):.1f} s"))
+
+    # 1. overhead, alternating sides
+    sides = {
+        "bare DeepSpeed loop": lambda: bare_deepspeed(cfg, data, steps),
+        "dsinstab loop": lambda: dsinstab_loop(args.ds, steps, work),
+        "dsinstab, diagnostics every 50 steps": lambda: dsinstab_loop(
+            args.ds, steps, work, "trainer.diagnostics.every=50"
+        ),
+        "dsinstab, diagnostics every step": lambda: dsinstab_loop(
+            args.ds, steps, work, "trainer.diagnostics.every=1"
+        ),
+        "plain PyTorch loop (bf16 autocast)": lambda: plain_pytorch(cfg, data, steps),
+    }
+    results: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(repeats):
+        for name, run in sides.items():
+            results[name].append(run())
+    bare = statistics.median(results["bare DeepSpeed loop"])
+    for name, values in results.items():
+        med = statistics.median(values)
+        rows.append(
+            (f"{name}: tokens/s (median of {repeats})", f"{med:,.0f}  (x{med / bare:.3f} of bare DeepSpeed)")
+        )
+
+    # 2. MFU against the measured matmul peak, in the run's precision
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[precision(cfg.ds_config)]
+    peak = matmul_peak(dtype)
+    n_params = count_parameters(build_model(cfg.model, cfg.dataset.vocab_size, data.eos_id, 0))
+    achieved = flops_per_token(cfg, n_params) * statistics.median(results["dsinstab loop"])
+    rows.append((f"torch.matmul peak ({dtype}, 2048^3)", f"{peak / 1e9:,.0f} GFLOP/s"))
+    rows.append(
+        (
+            "dsinstab model FLOPs (6N + attention) per second",
+            f"{achieved / 1e9:,.1f} GFLOP/s, MFU {achieved / peak:.1%}",
+        )
+    )
+
+    # 3b. a spike checkpoint against one step
+    from dsinstab.checkpoint import Checkpointer
+    from dsinstab.engine import build_engine
+
+    engine = build_engine(
+        build_model(cfg.model, cfg.dataset.vocab_size, data.eos_id, 0), cfg.trainer, cfg.ds_config
+    )
+    ckpt = Checkpointer(engine, work / "ckpt-run", keep=1, is_main=True)
+    start = time.perf_counter()
+    ckpt.save("spike-1", {"dsinstab": {}}, 1)
+    save_s = time.perf_counter() - start
+    step_s = cfg.trainer.micro_batch_size * cfg.model.seq_len / statistics.median(results["dsinstab loop"])
+    rows.append(("spike checkpoint save", f"{save_s:.2f} s = {save_s / step_s:.1f} steps"))
+
+    # 4. scaling
+    stages = (2,) if args.quick else (0, 1, 2, 3)
+    for stage in stages:
+        for ranks in (1, 2):
+            tps, rss = scaling_run(f"zero{stage}_bf16", ranks, 30 if args.quick else 60, work)
+            rows.append(
+                (
+                    f"ZeRO-{stage} bf16, {ranks} rank(s): tokens/s (all ranks), peak RSS per rank",
+                    f"{tps:,.0f}, {rss} MB",
+                )
+            )
+
+    width = max(len(k) for k, _ in rows)
+    header = f"dsinstab benchmarks: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, ds_config {args.ds}, {steps} steps x {repeats}"
+    print(header)
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+    if args.out:
+        md = [
+            f"_{header}_",
+            "",
+            "| measurement | result |",
+            "| --- | --- |",
+            *[f"| {k} | {v} |" for k, v in rows],
+        ]
+        Path(args.out).write_text("\n".join(md) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
