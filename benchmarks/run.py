@@ -47,8 +47,9 @@ def config(ds: str, *overrides: str):
 # The sides of the overhead comparison
 
 
-def bare_deepspeed(cfg, data, steps: int) -> float:
-    """Engine forward, backward, step, nothing else: tokens/s over ``steps`` after 3 warm-up steps."""
+def bare_deepspeed(cfg, data, steps: int, keep: dict | None = None) -> float:
+    """Engine forward, backward, step, nothing else: tokens/s over ``steps`` after 3 warm-up steps.
+    ``keep["engine"]`` receives the trained engine (for the checkpoint measurement)."""
     from dsinstab.data import BatchOrder
     from dsinstab.engine import build_engine, compute_context
     from dsinstab.model import build_model, lm_loss
@@ -65,6 +66,8 @@ def bare_deepspeed(cfg, data, steps: int) -> float:
             loss, _ = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:], 0.0)
             engine.backward(loss)
         engine.step()
+    if keep is not None:
+        keep["engine"] = engine
     return steps * t.micro_batch_size * cfg.model.seq_len / (time.perf_counter() - start)
 
 
@@ -145,57 +148,51 @@ def flops_per_token(cfg, n_params: int) -> float:
 # Start-up and scaling, through the launcher
 
 
+def child_env() -> dict:
+    """This process is rank 0 of its own one-rank group; a child must not inherit that."""
+    drop = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def run_train(launcher: list[str], out: Path, name: str, *args: str) -> tuple[list[dict], dict]:
+    """``scripts/train.py`` under ``launcher``, quietly; its logged training rows and status."""
+    from dsinstab.tracking import read_jsonl
+
+    cmd = [
+        *launcher,
+        str(ROOT / "scripts/train.py"),
+        *args,
+        "--set",
+        "utils.report_to=none",
+        "utils.progress_bar=false",
+        f"utils.output_dir={out}",
+        f"utils.run_name={name}",
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, env=child_env())
+    rows = [r for r in read_jsonl(out / name / "metrics.jsonl") if "train/loss" in r]
+    return rows, json.loads((out / name / "status.json").read_text())
+
+
 def first_step_seconds(cache: Path, out: Path, name: str) -> float:
     start = time.time()
-    subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts/train.py"),
-            "--set",
-            "trainer.max_steps=1",
-            "utils.report_to=none",
-            "utils.progress_bar=false",
-            f"utils.cache_dir={cache}",
-            f"utils.output_dir={out}",
-            f"utils.run_name={name}",
-        ],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
+    rows, _ = run_train(
+        [sys.executable], out, name, "--set", "trainer.max_steps=1", f"utils.cache_dir={cache}"
     )
-    line = next(
-        json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if "train/loss" in ln
-    )
-    return line["time"] - start
+    return rows[0]["time"] - start
 
 
 def scaling_run(ds: str, ranks: int, steps: int, out: Path) -> tuple[float, float]:
-    name = f"scale-{ds}-{ranks}"
-    subprocess.run(
-        [
-            "deepspeed",
-            "--num_gpus",
-            str(ranks),
-            str(ROOT / "scripts/train.py"),
-            "--ds_config",
-            str(ROOT / "ds_configs" / f"{ds}.json"),
-            "--set",
-            f"trainer.max_steps={steps}",
-            f"trainer.eval_every={10**6}",
-            "trainer.checkpoint_every=0",
-            "utils.report_to=none",
-            "utils.progress_bar=false",
-            f"utils.output_dir={out}",
-            f"utils.run_name={name}",
-        ],
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
+    rows, status = run_train(
+        ["deepspeed", "--num_gpus", str(ranks)],
+        out,
+        f"scale-{ds}-{ranks}",
+        "--ds_config",
+        str(ROOT / "ds_configs" / f"{ds}.json"),
+        "--set",
+        f"trainer.max_steps={steps}",
+        f"trainer.eval_every={10**6}",
+        "trainer.checkpoint_every=0",
     )
-    rows = [
-        json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if "train/loss" in ln
-    ]
-    status = json.loads((out / name / "status.json").read_text())
     return statistics.median(r["train/tokens_per_s"] for r in rows[3:]), status["peak_rss_mb"]
 
 
@@ -243,8 +240,9 @@ def main() -> int:
     rows.append(("time to first step, warm cache", f"{first_step_seconds(work / 'c2', work, 'warm'):.1f} s"))
 
     # 1. overhead, alternating sides
+    trained: dict = {}
     sides = {
-        "bare DeepSpeed loop": lambda: bare_deepspeed(cfg, data, steps),
+        "bare DeepSpeed loop": lambda: bare_deepspeed(cfg, data, steps, trained),
         "dsinstab loop": lambda: dsinstab_loop(args.ds, steps, work),
         "dsinstab, diagnostics every 50 steps": lambda: dsinstab_loop(
             args.ds, steps, work, "trainer.diagnostics.every=50"
@@ -278,13 +276,10 @@ def main() -> int:
         )
     )
 
-    # 3b. a spike checkpoint against one step
+    # 3b. a spike checkpoint (model, fp32 master weights, Adam moments) against one step
     from dsinstab.checkpoint import Checkpointer
-    from dsinstab.engine import build_engine
 
-    engine = build_engine(
-        build_model(cfg.model, cfg.dataset.vocab_size, data.eos_id, 0), cfg.trainer, cfg.ds_config
-    )
+    engine = trained["engine"]
     ckpt = Checkpointer(engine, work / "ckpt-run", keep=1, is_main=True)
     start = time.perf_counter()
     ckpt.save("spike-1", {"dsinstab": {}}, 1)

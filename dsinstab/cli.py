@@ -153,6 +153,7 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
     check_run_dir(run_dir, args.resume, args.overwrite)
 
     data = prepare_data(cfg.dataset, m.seq_len, u.cache_dir, log=say)
+    order = BatchOrder(len(data.train), t.micro_batch_size, world, rank, t.seed)  # refuses a too-small corpus
     model = build_model(m, cfg.dataset.vocab_size, data.eos_id, t.seed)
     n_params = count_parameters(model)  # before ZeRO-3 partitions the parameters away
     engine = build_engine(model, t, cfg.ds_config)
@@ -177,7 +178,7 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
         engine=engine,
         model=model,
         data=data,
-        order=BatchOrder(len(data.train), t.micro_batch_size, world, rank, t.seed),
+        order=order,
         monitor=SpikeMonitor(t.spikes, precision(cfg.ds_config) == "fp16"),
         checkpointer=checkpointer,
         diagnostics=Diagnostics(t.diagnostics, model, engine, t.adam_eps, t.adam_beta2),

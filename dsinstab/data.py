@@ -16,7 +16,7 @@ import shutil
 import sys
 import sysconfig
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -394,13 +394,3 @@ class BatchOrder:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
-
-
-def dataset_summary(dc: DatasetConfig, data: PackedData, seq_len: int) -> dict:
-    return {
-        **asdict(dc),
-        "train_blocks": len(data.train),
-        "val_blocks": len(data.validation),
-        "train_tokens": len(data.train) * seq_len,
-        "cache": data.cache_path,
-    }

@@ -29,7 +29,7 @@ from dsinstab.model import lm_loss
 from dsinstab.spikes import SpikeMonitor, firing_record
 from dsinstab.tracking import json_safe
 
-EXIT_FINISHED, EXIT_BAD_INPUT, EXIT_MIN_LOSS_SCALE, EXIT_STOPPED, EXIT_CHECKPOINT_FAILED = 0, 2, 3, 4, 5
+EXIT_FINISHED, EXIT_MIN_LOSS_SCALE, EXIT_STOPPED, EXIT_CHECKPOINT_FAILED = 0, 3, 4, 5  # 2: bad input (cli)
 EXIT_INTERRUPTED = 130
 HISTORY = 48  # logged values kept for the "before the event" part of an event record
 
@@ -165,10 +165,10 @@ def _train(run: Run) -> int:
             code = on_firings(run, step, firings, lr, grad_norm, scale)
             if code is not None:
                 return code
-        if t.checkpoint_every and step % t.checkpoint_every == 0:
+        periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+        if periodic or stop:
             save(run, f"step-{step}")
         if stop:
-            save(run, f"step-{step}")
             run.say(f"interrupted: saved step-{step}; continue with --resume latest")
             return finish(run, "interrupted", EXIT_INTERRUPTED)
     bar.close()
