@@ -1,8 +1,9 @@
 """Benchmarks, as ratios measured side by side in one run: ``python benchmarks/run.py [--quick]``.
 
 1. dsinstab's loop (default logging, spike detection, periodic checkpoints; then diagnostics every
-   50 steps and every step) against a bare DeepSpeed loop and a plain PyTorch loop, on the same
-   model, data and ds_config, the sides alternated.
+   50 steps and every step) against a bare DeepSpeed loop, a plain PyTorch loop and the
+   ``transformers`` Trainer with and without DeepSpeed, on the same model, data and ds_config, the
+   sides alternated.
 2. Model FLOPs utilisation against the matmul peak ``torch.matmul`` reaches here, same precision.
 3. Start-up: time to the first step from a cold and a warm dataset cache; tokenization throughput;
    a spike checkpoint's save time against one step.
@@ -93,6 +94,63 @@ def plain_pytorch(cfg, data, steps: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
     return steps * t.micro_batch_size * cfg.model.seq_len / (time.perf_counter() - start)
+
+
+def hf_trainer(cfg, data, steps: int, out: Path, use_deepspeed: bool) -> float:
+    """The ``transformers`` Trainer on the same model, blocks and schedule; with ``use_deepspeed``
+    it is handed the same ds_config. Timed from the end of step 3 to the end of the last step."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from dsinstab.model import build_model
+
+    t, seq = cfg.trainer, cfg.model.seq_len
+
+    class Blocks(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data.train)
+
+        def __getitem__(self, i):
+            ids = data.blocks("train", torch.tensor([i]))[0, :seq]
+            return {"input_ids": ids, "labels": ids}  # the model shifts the labels itself
+
+    class Clock(TrainerCallback):
+        marks: dict = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks[state.global_step] = time.perf_counter()
+
+    ds = dict(
+        cfg.ds_config,
+        train_batch_size="auto",
+        train_micro_batch_size_per_gpu="auto",
+        gradient_accumulation_steps="auto",
+        gradient_clipping="auto",
+    )
+    args = TrainingArguments(
+        output_dir=str(out / "hf-trainer"),
+        max_steps=steps + 3,
+        per_device_train_batch_size=t.micro_batch_size,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        max_grad_norm=t.grad_clip,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        dataloader_num_workers=0,
+        seed=t.seed,
+        deepspeed=ds if use_deepspeed else None,
+        disable_tqdm=True,
+    )
+    model = build_model(cfg.model, cfg.dataset.vocab_size, data.eos_id, t.seed)
+    clock = Clock()
+    Trainer(model=model, args=args, train_dataset=Blocks(), callbacks=[clock]).train()
+    return steps * t.micro_batch_size * seq / (clock.marks[steps + 3] - clock.marks[3])
 
 
 def dsinstab_loop(ds: str, steps: int, out: Path, *overrides: str) -> float:
@@ -202,7 +260,7 @@ def scaling_run(ds: str, ranks: int, steps: int, out: Path) -> tuple[float, floa
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--quick", action="store_true", help="fewer steps and repeats, no ZeRO-stage sweep (~5 min)"
+        "--quick", action="store_true", help="fewer steps and repeats, no ZeRO-stage sweep (~7 min)"
     )
     p.add_argument("--ds", default="zero2_bf16", help="ds_config of the overhead comparison")
     p.add_argument("--out", default=None, help="also write the Markdown table here")
@@ -251,6 +309,8 @@ def main() -> int:
             args.ds, steps, work, "trainer.diagnostics.every=1"
         ),
         "plain PyTorch loop (bf16 autocast)": lambda: plain_pytorch(cfg, data, steps),
+        "transformers Trainer + DeepSpeed (same ds_config)": lambda: hf_trainer(cfg, data, steps, work, True),
+        "transformers Trainer, no DeepSpeed (bf16)": lambda: hf_trainer(cfg, data, steps, work, False),
     }
     results: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(repeats):

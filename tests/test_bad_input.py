@@ -43,7 +43,10 @@ def _assert_refused(proc, out, message):
             ("dataset.tokenizer=bytes", "dataset.vocab_size=100"),
             "dataset.vocab_size is 100 but tokenizer 'bytes' has 257",
         ),
-        (("dataset.max_chars=20000", "trainer.micro_batch_size=1000"), "fewer than one global micro batch (1000 x 1 ranks)"),
+        (
+            ("dataset.max_chars=20000", "trainer.micro_batch_size=1000"),
+            "fewer than one global micro batch (1000 x 1 ranks)",
+        ),
     ],
 )
 def test_refused_before_anything_is_written(tmp_path, args, message):
