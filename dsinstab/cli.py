@@ -7,10 +7,11 @@ have all been checked; bad input exits with code 2 and one sentence.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import shutil
-import socket
+import signal
 import sys
 import tempfile
 import time
@@ -85,18 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _single_process_env() -> None:
-    """Let ``python scripts/train.py`` run without a launcher, as one rank."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-
-
 def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other; pick one.")
@@ -119,23 +108,21 @@ def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
 
 
 def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
-    import deepspeed
     import deepspeed.comm as dist
 
     from dsinstab import loop
     from dsinstab.checkpoint import Checkpointer
     from dsinstab.data import BatchOrder, prepare_data
     from dsinstab.diagnostics import Diagnostics
-    from dsinstab.engine import build_engine
+    from dsinstab.engine import build_engine, init_distributed
     from dsinstab.model import build_model, count_parameters
     from dsinstab.spikes import SpikeMonitor
     from dsinstab.tracking import NullSink, open_sink
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a hung rank waits
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    _single_process_env()
-    deepspeed.init_distributed(verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank, world = init_distributed(log=lambda msg: print(f"dsinstab: {msg}", file=sys.stderr, flush=True))
 
     def say(msg: str) -> None:
         if rank == 0:

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import math
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import deepspeed
+import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
+from filelock import FileLock
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -40,6 +48,82 @@ def param_groups(model: torch.nn.Module, tc: TrainerConfig) -> list[dict]:
         {"params": decay, "weight_decay": wd, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group start-up on the CPU
+
+STALE_BUILD_LOCK_S = 600  # the shared-memory op builds in under a minute; a lock this old is orphaned
+
+
+def init_distributed(log: Callable[[str], None]) -> tuple[int, int]:
+    """``deepspeed.init_distributed`` hardened for the CPU; returns (rank, world size).
+
+    ``python scripts/train.py`` runs as one rank without a launcher.
+    """
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
+    cpu = get_accelerator().device_name() == "cpu"
+    if cpu:
+        load_shm_comm_op(log)
+    deepspeed.init_distributed(verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cpu:
+        dist.barrier()  # every rank has mapped every other rank's segment by now
+        unlink_shm_segment(rank)
+    return rank, world
+
+
+def load_shm_comm_op(log: Callable[[str], None]) -> None:
+    """Build or load DeepSpeed's shared-memory comm op, never waiting on an orphaned build lock.
+
+    torch guards its JIT builds with a plain lock file that a killed process leaves behind, after
+    which every later start waits forever in silence (pytorch/pytorch#189245). Our starts queue on
+    an flock, which the kernel drops when its holder dies; a torch lock still there while we hold
+    ours belongs to another program's build, or to a dead one if it is older than any build.
+    """
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    from torch.utils.cpp_extension import _get_build_directory  # the folder torch's load() uses
+
+    build_dir = Path(_get_build_directory(builder.NAME, verbose=False))
+    with FileLock(f"{build_dir}.dsinstab.lock"):
+        lock, waiting = build_dir / "lock", False
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break
+            if age > STALE_BUILD_LOCK_S:
+                log(f"removing {lock}: a build lock {age / 60:.0f} min old, left by a killed process")
+                lock.unlink(missing_ok=True)
+            elif not waiting:
+                log(f"waiting for another process to finish building {builder.NAME} ({lock})")
+                waiting = True
+            time.sleep(1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.load(verbose=False)  # cached by DeepSpeed: init_distributed reuses it
+
+
+def shm_segment(rank: int) -> Path:
+    """The shared-memory allreduce segment DeepSpeed's CPU comm op creates for ``rank``."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def unlink_shm_segment(rank: int) -> None:
+    """Remove the segment's name once every rank has it mapped (the mappings stay valid).
+
+    DeepSpeed never unlinks it, so each CPU run would leave 69 MB of RAM per rank in /dev/shm
+    until the machine reboots, killed runs included.
+    """
+    shm_segment(rank).unlink(missing_ok=True)
 
 
 def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict):

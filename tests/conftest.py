@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -48,10 +52,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# DeepSpeed's CPU comm op is JIT-built once per session here, apart from the user's own build cache
+_OWN_EXTENSIONS = "TORCH_EXTENSIONS_DIR" not in os.environ
+TORCH_EXTENSIONS = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tempfile.mkdtemp(prefix="dsinstab-ops-"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_EXTENSIONS:
+        shutil.rmtree(TORCH_EXTENSIONS, ignore_errors=True)
+
+
 def env() -> dict:
     e = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    e["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)
     e.pop("WANDB_API_KEY", None)
     return e
+
+
+_HUNG: list[str] = []  # the first command that outlived its timeout; later ones then fail at once
+
+
+def run_cmd(
+    cmd: list[str], timeout: int, env_: dict | None = None, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own process group and capture its output.
+
+    On a timeout every Python process in the group prints its threads' stacks (scripts/train.py
+    registers faulthandler on SIGUSR1) into the failure, then the whole group is killed: ranks
+    that outlive their launcher would otherwise hold the pipes open and the test would never end.
+    A hang is rarely alone, so after one, later commands fail at once instead of waiting too.
+    """
+    if _HUNG:
+        pytest.fail(f"not started: an earlier command hung ({_HUNG[0]})")
+    with spawn(cmd, env_, cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGUSR1)
+            time.sleep(3)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+            _HUNG.append(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]}, {timeout}s")
+            pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+@contextlib.contextmanager
+def spawn(cmd: list[str], env_: dict | None = None, cwd: Path = ROOT, **popen):
+    """A ``Popen`` in a new process group that is killed, ranks and all, when the block ends."""
+    p = subprocess.Popen(cmd, cwd=cwd, env=env_ or env(), text=True, start_new_session=True, **popen)
+    try:
+        yield p
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        for pipe in (p.stdout, p.stderr):
+            if pipe:
+                pipe.close()
 
 
 def ds_config(tmp_path: Path, base: str, **changes) -> str:
@@ -96,14 +156,12 @@ def launch(
         *overrides,
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    return proc, tmp_path / "runs" / name
+    return run_cmd(cmd, timeout), tmp_path / "runs" / name
 
 
 def python_train(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python scripts/train.py ...`` as one process (no launcher)."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    return run_cmd([sys.executable, str(ROOT / "scripts" / "train.py"), *args], timeout, cwd=cwd)
 
 
 def metrics(run_dir: Path) -> list[dict]:

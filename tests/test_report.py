@@ -8,20 +8,14 @@ import sys
 
 import pytest
 
-from conftest import ROOT, assert_ok, ds_config, env, launch, train_rows
+from conftest import ROOT, assert_ok, ds_config, launch, run_cmd, train_rows
 from dsinstab.report import load_run, summarize
 
 PNGS = {"overview.png", "loss.png", "grad_norm.png", "loss_scale.png", "loss_difference.png"}
 
 
 def compare(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "compare.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=300,
-    )
+    return run_cmd([sys.executable, str(ROOT / "scripts" / "compare.py"), *map(str, args)], 300)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +97,7 @@ def test_fp16_vs_bf16_preset_fp16_skips_where_bf16_does_not(tmp_path, cache_dir)
         "utils.run_name=pair",
         "dataset.max_chars=2000000",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env(), timeout=900)
+    proc = run_cmd(cmd, 900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     fp16, bf16 = summarize(load_run(tmp_path / "pair-fp16")), summarize(load_run(tmp_path / "pair-bf16"))
     assert fp16["overflow steps"] >= 10 and fp16["ended"] == "died at the minimum loss scale"

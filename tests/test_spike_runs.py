@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import assert_ok, ds_config, env, launch, train_rows
+from conftest import assert_ok, ds_config, launch, run_cmd, train_rows
 from dsinstab.tracking import read_jsonl
 
 SPIKE = [
@@ -41,11 +40,11 @@ def test_injected_spike_fires_once_saves_spike_checkpoint_that_resumes_and_conve
     assert client["dsinstab_event"]["step"] == 31
 
     # DeepSpeed's own converter turns the spike checkpoint into weights transformers loads
-    subprocess.run(
-        [sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(run / "hf"), "-t", "spike-31"],
-        check=True,
-        env=env(),
-        capture_output=True,
+    assert_ok(
+        run_cmd(
+            [sys.executable, str(ckpts / "zero_to_fp32.py"), str(ckpts), str(run / "hf"), "-t", "spike-31"],
+            300,
+        )
     )
     from transformers import AutoModelForCausalLM
 
