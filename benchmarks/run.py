@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from dsinstab.cli import _single_process_env  # noqa: E402
 from dsinstab.config import load_config, precision, read_ds_config, resolve_ds_config  # noqa: E402
+from dsinstab.engine import init_distributed  # noqa: E402
 
 
 def config(ds: str, *overrides: str):
@@ -266,10 +266,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="also write the Markdown table here")
     args = p.parse_args()
     steps, repeats = (100, 2) if args.quick else (200, 3)
-    _single_process_env()
-    import deepspeed
-
-    deepspeed.init_distributed(verbose=False)
+    init_distributed(log=print)
     from dsinstab.data import prepare_data
     from dsinstab.model import build_model, count_parameters
 
