@@ -111,19 +111,15 @@ def load_shm_comm_op(log: Callable[[str], None]) -> None:
             builder.load(verbose=False)  # cached by DeepSpeed: init_distributed reuses it
 
 
-def shm_segment(rank: int) -> Path:
-    """The shared-memory allreduce segment DeepSpeed's CPU comm op creates for ``rank``."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
 def unlink_shm_segment(rank: int) -> None:
-    """Remove the segment's name once every rank has it mapped (the mappings stay valid).
+    """Remove the name of DeepSpeed's shared-memory allreduce segment for ``rank`` once every rank
+    has it mapped (the mappings stay valid).
 
     DeepSpeed never unlinks it, so each CPU run would leave 69 MB of RAM per rank in /dev/shm
     until the machine reboots, killed runs included.
     """
-    shm_segment(rank).unlink(missing_ok=True)
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict):

@@ -94,7 +94,7 @@ def run_cmd(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
             out, err = p.communicate()
-            _HUNG.append(f"{Path(cmd[1]).name if len(cmd) > 1 else cmd[0]}, {timeout}s")
+            _HUNG.append(os.environ.get("PYTEST_CURRENT_TEST", " ".join(cmd)).split(" ")[0])
             pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-12000:]}")
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
