@@ -108,21 +108,30 @@ def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
 
 
 def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
+    from dsinstab.engine import process_group
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a hung rank waits
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+    def log(msg: str) -> None:
+        print(f"dsinstab: {msg}", file=sys.stderr, flush=True)
+
+    with process_group(log) as (rank, world):
+        return build_and_train(cfg, args, notes, rank, world)
+
+
+def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], rank: int, world: int) -> int:
     import deepspeed.comm as dist
 
     from dsinstab import loop
     from dsinstab.checkpoint import Checkpointer
     from dsinstab.data import BatchOrder, prepare_data
     from dsinstab.diagnostics import Diagnostics
-    from dsinstab.engine import build_engine, init_distributed
+    from dsinstab.engine import build_engine
     from dsinstab.model import build_model, count_parameters
     from dsinstab.spikes import SpikeMonitor
     from dsinstab.tracking import NullSink, open_sink
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a hung rank waits
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    rank, world = init_distributed(log=lambda msg: print(f"dsinstab: {msg}", file=sys.stderr, flush=True))
 
     def say(msg: str) -> None:
         if rank == 0:

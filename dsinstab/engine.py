@@ -8,7 +8,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import deepspeed
@@ -77,6 +77,23 @@ def init_distributed(log: Callable[[str], None]) -> tuple[int, int]:
         dist.barrier()  # every rank has mapped every other rank's segment by now
         unlink_shm_segment(rank)
     return rank, world
+
+
+@contextlib.contextmanager
+def process_group(log: Callable[[str], None]) -> Iterator[tuple[int, int]]:
+    """:func:`init_distributed` for the length of a block, the group destroyed after it if the block
+    created it.
+
+    A process that exits with its gloo group alive can abort in C++ teardown ("terminate called
+    without an active exception", exit -6), turning a clean exit code into a crash.
+    """
+    created = not dist.is_initialized()
+    rank_world = init_distributed(log)
+    try:
+        yield rank_world
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def load_shm_comm_op(log: Callable[[str], None]) -> None:
