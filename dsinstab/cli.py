@@ -111,6 +111,7 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
     from dsinstab.engine import process_group
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    faulthandler.enable()  # a crashing rank (SIGSEGV, SIGABRT, ...) prints where each thread was
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a hung rank waits
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 

@@ -32,14 +32,23 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _lines(path: Path) -> list[tuple[str, dict]]:
+    """Each line of a JSON-lines file with its record. A last line that does not parse is one a
+    kill cut short while it was being written, and is left out; anywhere else it is an error."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return out
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON-lines file, with "inf"/"nan" strings turned back into floats."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            out.append({k: _from_json(v) for k, v in rec.items()})
-    return out
+    return [{k: _from_json(v) for k, v in rec.items()} for _, rec in _lines(Path(path))]
 
 
 def _from_json(v: Any) -> Any:
@@ -68,10 +77,9 @@ def truncate_after(path: Path, step: int, spill: Path | None = None) -> None:
     with ``spill``, append the dropped ones there instead of losing them."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept, dropped = [], []
-    for ln in lines:
-        (kept if json.loads(ln).get("step", 0) <= step else dropped).append(ln)
+    for ln, rec in _lines(path):
+        (kept if rec.get("step", 0) <= step else dropped).append(ln)
     if spill is not None and dropped:
         with open(spill, "a") as f:
             f.write("".join(ln + "\n" for ln in dropped))

@@ -28,7 +28,7 @@ from conftest import (
     train_rows,
 )
 from dsinstab.checkpoint import tag_step
-from dsinstab.tracking import read_jsonl
+from dsinstab.tracking import LocalSink, read_jsonl
 
 KEYS = ("train/loss", "train/grad_norm", "train/lr", "train/loss_scale", "eval/loss", "spike/score_loss")
 # an injected spike at step 18, after the kill: the resumed detectors must fire exactly there too
@@ -103,6 +103,25 @@ def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir,
     if "fp16" not in ds:  # in fp16 the injected update overflows and is skipped: nothing to fire
         assert events and events[0][0] == 18
     assert [(e["step"], e["kind"]) for e in read_jsonl(killed / "events.jsonl")] == events
+
+
+def test_a_record_cut_short_by_a_kill_is_left_out_when_read_and_resumed(tmp_path):
+    lines = [json.dumps({"step": s, "train/loss": 1.0}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines) + lines[0][:17])
+    (tmp_path / "events.jsonl").touch()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    sink = LocalSink(tmp_path)  # what --resume does: forget what came after the checkpoint, log again
+    sink.rewind(2, events=True)
+    sink.log(3, {"train/loss": 2.0})
+    sink.close()
+    assert [(r["step"], r["train/loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0),
+        (2, 1.0),
+        (3, 2.0),
+    ]
+    (tmp_path / "torn.jsonl").write_text(lines[0][:17] + "\n" + lines[1] + "\n")
+    with pytest.raises(json.JSONDecodeError):  # a broken line that is not the last is not a kill's
+        read_jsonl(tmp_path / "torn.jsonl")
 
 
 def test_a_build_lock_left_by_a_killed_process_never_stops_a_run(tmp_path, cache_dir):
