@@ -67,7 +67,7 @@ def test_compare_writes_every_plot_and_a_table_of_the_runs_numbers(tmp_path, two
             lambda p: (
                 p.mkdir(),
                 (p / "config.yaml").write_text("{}"),
-                (p / "metrics.jsonl").write_text("{oops"),
+                (p / "metrics.jsonl").write_text('{oops\n{"step": 1}\n'),  # a torn last line is a kill's
             ),
             "not valid JSON lines",
         ),
