@@ -82,11 +82,7 @@ def init_distributed(log: Callable[[str], None]) -> tuple[int, int]:
 @contextlib.contextmanager
 def process_group(log: Callable[[str], None]) -> Iterator[tuple[int, int]]:
     """:func:`init_distributed` for the length of a block, the group destroyed after it if the block
-    created it.
-
-    A process that exits with its gloo group alive can abort in C++ teardown ("terminate called
-    without an active exception", exit -6), turning a clean exit code into a crash.
-    """
+    created it (a caller that set up the group itself, like benchmarks/run.py, keeps it)."""
     created = not dist.is_initialized()
     rank_world = init_distributed(log)
     try:
