@@ -127,7 +127,7 @@ def ds_config(tmp_path: Path, base: str, **changes) -> str:
     return str(path)
 
 
-def launch(
+def launch_cmd(
     tmp_path: Path,
     cache_dir: Path,
     *overrides: str,
@@ -135,16 +135,16 @@ def launch(
     ranks: int = 1,
     name: str = "run",
     extra: tuple = (),
-    timeout: int = 600,
-) -> tuple[subprocess.CompletedProcess, Path]:
-    """``deepspeed [--num_gpus N] scripts/train.py`` on the tiny model; returns the process and run dir."""
+    port: int | None = None,
+) -> list[str]:
+    """``deepspeed [--num_gpus N] scripts/train.py`` on the tiny model, writing under ``tmp_path/runs``."""
     ds_path = ds if ds.endswith(".json") else str(ROOT / "ds_configs" / f"{ds}.json")
-    cmd = [
+    return [
         DEEPSPEED,
         "--num_gpus",
         str(ranks),
         "--master_port",
-        str(free_port()),
+        str(port or free_port()),
         str(ROOT / "scripts" / "train.py"),
         "--ds_config",
         ds_path,
@@ -156,6 +156,20 @@ def launch(
         *overrides,
         *extra,
     ]
+
+
+def launch(
+    tmp_path: Path,
+    cache_dir: Path,
+    *overrides: str,
+    ds: str = "zero2_bf16",
+    ranks: int = 1,
+    name: str = "run",
+    extra: tuple = (),
+    timeout: int = 600,
+) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run :func:`launch_cmd`; returns the process and the run directory."""
+    cmd = launch_cmd(tmp_path, cache_dir, *overrides, ds=ds, ranks=ranks, name=name, extra=extra)
     return run_cmd(cmd, timeout), tmp_path / "runs" / name
 
 

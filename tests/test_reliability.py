@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from conftest import (
     env,
     free_port,
     launch,
+    launch_cmd,
     metrics,
     python_train,
     run_cmd,
@@ -40,26 +42,6 @@ LONG = (
 )
 
 
-def _launch_cmd(tmp_path, cache_dir, ds, ranks, name, port, *extra):
-    return [
-        "deepspeed",
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port),
-        str(ROOT / "scripts/train.py"),
-        "--ds_config",
-        str(ROOT / "ds_configs" / f"{ds}.json"),
-        "--set",
-        *TINY,
-        *LONG,
-        f"utils.output_dir={tmp_path / 'runs'}",
-        f"utils.cache_dir={cache_dir}",
-        f"utils.run_name={name}",
-        *extra,
-    ]
-
-
 def _wait_for_step(run_dir, step, proc, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -77,7 +59,7 @@ def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir,
     assert_ok(proc)
     killed, port = tmp_path / "runs" / "killed", free_port()
     with spawn(
-        _launch_cmd(tmp_path, cache_dir, ds, ranks, "killed", port),
+        launch_cmd(tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="killed", port=port),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     ) as p:
@@ -135,7 +117,7 @@ def test_a_build_lock_left_by_a_killed_process_never_stops_a_run(tmp_path, cache
     lock = ext / built.name / "lock"
     lock.unlink(missing_ok=True)
     cmd = [
-        "python",
+        sys.executable,
         str(ROOT / "scripts/train.py"),
         "--set",
         *TINY,
@@ -171,7 +153,7 @@ def test_a_build_lock_left_by_a_killed_process_never_stops_a_run(tmp_path, cache
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, cache_dir):
     out = tmp_path / "runs"
     cmd = [
-        "python",
+        sys.executable,
         str(ROOT / "scripts/train.py"),
         "--set",
         *TINY,
@@ -262,7 +244,7 @@ def test_unreachable_wandb_falls_back_to_offline_and_keeps_secrets_out(tmp_path,
         WANDB_INIT_TIMEOUT="20",
     )
     cmd = [
-        "python",
+        sys.executable,
         str(ROOT / "scripts/train.py"),
         "--set",
         *TINY,
