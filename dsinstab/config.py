@@ -145,8 +145,14 @@ class UtilsConfig:
     output_dir: str = param("runs", "folder that holds the run directories")
     report_to: str = param("wandb", "wandb (offline without a key) or none", choices=("wandb", "none"))
     wandb_project: str = param("dsinstab", "wandb project")
+    wandb_group: str = param("", "wandb group that gathers related runs (a pair, a sweep, a replay)")
     cache_dir: str = param("~/.cache/dsinstab", "datasets and tokenizers cache")
     progress_bar: bool = param(True, "show a tqdm bar on rank 0")
+    cpu_compute: str = param(
+        "auto",
+        "CPU only: bf16/fp16 matmuls natively or in fp32 rounded to the dtype (auto: fp32 where the CPU lacks native kernels)",
+        choices=("auto", "native", "fp32"),
+    )
 
 
 SECTION_TYPES = {
