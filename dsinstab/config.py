@@ -42,6 +42,9 @@ class SpikesConfig:
     loss_k: float = param(8.0, "loss spike: loss > median + loss_k * 1.4826 * MAD of the window", gt=0)
     grad_norm_k: float = param(12.0, "grad-norm spike: same rule on the global grad norm", gt=0)
     min_rel_jump: float = param(0.1, "and the value exceeds the median by at least this fraction", ge=0)
+    level_shift_steps: int = param(
+        25, "a spike lasting this many steps is a level shift: recorded, and the baseline restarts there", ge=2
+    )
     max_consecutive_overflows: int = param(10, "fp16: this many overflow-skipped steps in a row fire", ge=1)
     min_loss_scale: float = param(1.0, "fp16: the loss scale falling to this value fires", gt=0)
     score_window: int = param(1000, "window of the OLMo 2 spike score (spike/score_*)", ge=10)

@@ -24,24 +24,35 @@ class Firing:
     value: float
     threshold: float | None = None
     baseline: float | None = None
+    series: str | None = None  # for a level shift: "loss" or "grad_norm"
 
 
 class RobustSpikeDetector:
     """Fires when a value exceeds ``median + k * 1.4826 * MAD`` of a trailing window, and the
     median by at least ``min_rel_jump``.
 
-    A spike is an episode: it fires on the first value above the threshold and re-arms only once a
-    value comes back below it, so a spike that lasts twenty steps is one event. Values above the
-    threshold stay out of the baseline.
+    A spike is an episode: it fires on the first value above the threshold and re-arms once a value
+    comes back below it, so a spike that lasts twenty steps is one firing. Values above the
+    threshold stay out of the baseline, so an episode is bounded: once it has lasted
+    ``level_shift_steps`` values the jump is taken as the new level (a divergence, or a loss that
+    settles higher) and reported as a ``level_shift`` firing, and the episode's values become the
+    baseline. Without that bound a lasting jump would keep every later value out of the baseline
+    and no later spike could fire.
     """
 
-    def __init__(self, name: str, k: float, window: int, warmup: int, min_rel_jump: float):
+    def __init__(
+        self, name: str, k: float, window: int, warmup: int, min_rel_jump: float, level_shift_steps: int
+    ):
         self.name, self.k, self.warmup, self.min_rel_jump = name, k, warmup, min_rel_jump
+        self.series = name.removesuffix("_spike")
+        self.level_shift_steps = level_shift_steps
         self.values: deque[float] = deque(maxlen=window)
+        self.episode: list[float] = []  # the values of the spike in progress, above the threshold
         self.seen = 0
-        self.active = False
 
     def update(self, value: float) -> Firing | None:
+        """The spike (first value of an episode) or the level shift (its ``level_shift_steps``-th
+        value) that ``value`` makes, if any."""
         self.seen += 1
         if not math.isfinite(value):
             return None  # the non-finite detector reports these
@@ -52,59 +63,79 @@ class RobustSpikeDetector:
             mad = median(abs(v - base) for v in self.values)
             threshold = max(base + self.k * MAD_TO_STD * mad, base * (1 + self.min_rel_jump))
             if value > threshold:
-                first, self.active = not self.active, True
-                return Firing(self.name, value, threshold, base) if first else None
-        self.active = False
+                self.episode.append(value)
+                if len(self.episode) == 1:
+                    return Firing(self.name, value, threshold, base)
+                if len(self.episode) < self.level_shift_steps:
+                    return None
+                level = median(self.episode)
+                self.values.clear()
+                self.values.extend(self.episode)
+                self.episode = []
+                return Firing("level_shift", level, threshold, base, series=self.series)
+        self.episode = []
         self.values.append(value)
         return None
 
     def state_dict(self) -> dict:
-        return {"values": list(self.values), "seen": self.seen, "active": self.active}
+        return {"values": list(self.values), "episode": list(self.episode), "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.values.clear()
         self.values.extend(state["values"])
-        self.seen, self.active = state["seen"], state["active"]
+        self.episode = list(state.get("episode", []))  # absent in checkpoints from before the bound
+        self.seen = state["seen"]
 
 
 class SpikeScore:
-    """OLMo 2's spike score: the share of the last ``window`` values that lie at least ``sigma``
-    standard deviations from the mean of the (up to ``window``) values before each of them.
+    """OLMo 2's spike score. The paper ("2 OLMo 2 Furious", arXiv 2501.00656, on training
+    stability) defines it as "the percentage of values in the training loss or gradient norm that
+    are at least seven standard deviations away from a rolling average of the last 1000 values";
+    ``sigma`` (default 7) and ``window`` (default 1000) are those two numbers. Precisely:
 
-    A value is judged once at least ``min_history`` earlier values exist (a std of fewer is
-    noise); the score is the number of judged values that were spikes divided by the number
-    judged, over the last ``window`` judged values. Non-finite values are not judged.
+    - which side: both. A value is a spike when ``|value - mean| >= sigma * std`` ("at least",
+      "away from"). OLMo-core's ``StabilityMonitorCallback`` counts only values above
+      ``mean + k * std`` (and with a 128-value window, k = 6): its numbers differ from these.
+    - which window: the ``window`` values before the one judged, the value itself excluded (as
+      OLMo-core does); mean and std (the population std, dividing by n, as OLMo-core does) are
+      theirs. A window with std 0 judges nothing a spike.
+    - minimum history: a full window. A value is judged only once ``window`` earlier values exist
+      (OLMo-core requires its full window too); before that there is no score: ``update`` returns
+      None and the ``spike/score_*`` metric is absent, not zero.
+    - the score: the share (0-1, not percent) of the judged values that were spikes, over the run
+      so far, the one number per run that the paper compares.
+
+    Non-finite values are neither judged nor put in the window (one would make the mean NaN).
     """
-
-    min_history = 10
 
     def __init__(self, window: int, sigma: float):
         self.sigma = sigma
         self.values: deque[float] = deque(maxlen=window)
-        self.flags: deque[int] = deque(maxlen=window)
+        self.judged = 0
+        self.spikes = 0
 
-    def update(self, value: float) -> float:
+    def update(self, value: float) -> float | None:
         if not math.isfinite(value):
             return self.score()
-        if len(self.values) >= self.min_history:
+        if len(self.values) == self.values.maxlen:
             n = len(self.values)
             mean = sum(self.values) / n
-            std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / (n - 1))
-            self.flags.append(int(std > 0 and abs(value - mean) >= self.sigma * std))
+            std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
+            self.judged += 1
+            self.spikes += int(std > 0 and abs(value - mean) >= self.sigma * std)
         self.values.append(value)
         return self.score()
 
-    def score(self) -> float:
-        return sum(self.flags) / len(self.flags) if self.flags else 0.0
+    def score(self) -> float | None:
+        return self.spikes / self.judged if self.judged else None
 
     def state_dict(self) -> dict:
-        return {"values": list(self.values), "flags": list(self.flags)}
+        return {"values": list(self.values), "judged": self.judged, "spikes": self.spikes}
 
     def load_state_dict(self, state: dict) -> None:
         self.values.clear()
         self.values.extend(state["values"])
-        self.flags.clear()
-        self.flags.extend(state["flags"])
+        self.judged, self.spikes = state.get("judged", 0), state.get("spikes", 0)
 
 
 class LossScaleDetector:
@@ -146,9 +177,9 @@ class SpikeMonitor:
 
     def __init__(self, cfg: SpikesConfig, fp16: bool):
         self.cfg, self.fp16 = cfg, fp16
-        self.loss = RobustSpikeDetector("loss_spike", cfg.loss_k, cfg.window, cfg.warmup, cfg.min_rel_jump)
-        self.grad = RobustSpikeDetector(
-            "grad_norm_spike", cfg.grad_norm_k, cfg.window, cfg.warmup, cfg.min_rel_jump
+        self.loss, self.grad = (
+            RobustSpikeDetector(name, k, cfg.window, cfg.warmup, cfg.min_rel_jump, cfg.level_shift_steps)
+            for name, k in (("loss_spike", cfg.loss_k), ("grad_norm_spike", cfg.grad_norm_k))
         )
         self.score_loss = SpikeScore(cfg.score_window, cfg.score_sigma)
         self.score_grad = SpikeScore(cfg.score_window, cfg.score_sigma)
@@ -158,11 +189,14 @@ class SpikeMonitor:
         self.checkpoints = 0
         self.rollbacks = 0
         self.fired = 0
+        self.level_shifts: list[Firing] = []  # recorded, no action: taken by pop_level_shifts
 
     def observe(
         self, loss: float, grad_norm: float, overflow: bool, scale: float | None
     ) -> tuple[list[Firing], dict]:
-        """Feed one step's reduced values; return the firings and the ``spike/*`` metrics."""
+        """Feed one step's reduced values; return the firings that call for the action and the
+        ``spike/*`` metrics. A level shift is not among them: :meth:`pop_level_shifts` hands it
+        over, to be recorded without an action (the spike that began it already had one)."""
         firings = []
         # Non-finite values are episodes too: the first of a run of them fires.
         # An fp16 overflow is a skipped step, not a broken one: its infinite norm is expected.
@@ -173,18 +207,26 @@ class SpikeMonitor:
             firings.append(Firing("nonfinite_grad_norm", grad_norm))
         self.nonfinite = [bad_loss, bad_norm]
         if not overflow:
-            firings += [f for f in (self.loss.update(loss), self.grad.update(grad_norm)) if f]
+            for f in (self.loss.update(loss), self.grad.update(grad_norm)):
+                if f is not None:
+                    (self.level_shifts if f.kind == "level_shift" else firings).append(f)
         if self.fp16:
             firings += self.scale.update(overflow, scale)
         self.fired += bool(firings)
-        metrics = {
-            "spike/fired": int(bool(firings)),
+        scores = {
             "spike/score_loss": self.score_loss.update(loss),
-            "spike/score_grad_norm": self.score_grad.update(grad_norm)
-            if not overflow
-            else self.score_grad.score(),
+            # an overflow-skipped step's norm is inf by design: not a value of the series
+            "spike/score_grad_norm": self.score_grad.score()
+            if overflow
+            else self.score_grad.update(grad_norm),
         }
+        metrics = {"spike/fired": int(bool(firings)), **{k: v for k, v in scores.items() if v is not None}}
         return firings, metrics
+
+    def pop_level_shifts(self) -> list[Firing]:
+        """The level shifts found since the last call (record them as events; they take no action)."""
+        shifts, self.level_shifts = self.level_shifts, []
+        return shifts
 
     def decide(self, step: int) -> str:
         """The action for firings at ``step``: the configured one, held back by cooldown and caps."""

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 import pytest
 
 from dsinstab.config import SpikesConfig
-from dsinstab.spikes import LossScaleDetector, RobustSpikeDetector, SpikeMonitor, SpikeScore
+from dsinstab.spikes import LossScaleDetector, RobustSpikeDetector, SpikeMonitor, SpikeScore, firing_record
 
 
 def feed(det, values):
     return [i for i, v in enumerate(values) if det.update(v)]
 
 
+def detector(window=100, warmup=10, level_shift_steps=25, k=8.0):
+    return RobustSpikeDetector("loss_spike", k, window, warmup, 0.1, level_shift_steps)
+
+
 def test_flat_noisy_series_fires_nothing():
     rng = random.Random(0)
-    det = RobustSpikeDetector("loss_spike", k=8, window=100, warmup=10, min_rel_jump=0.1)
+    det = detector()
     assert feed(det, [3.0 + rng.gauss(0, 0.02) for _ in range(2000)]) == []
 
 
@@ -25,19 +30,19 @@ def test_a_step_jump_fires_once_and_firing_values_stay_out_of_the_baseline():
     rng = random.Random(1)
     series = [3.0 + rng.gauss(0, 0.02) for _ in range(300)]
     series[200] = 6.0
-    det = RobustSpikeDetector("loss_spike", k=8, window=100, warmup=10, min_rel_jump=0.1)
+    det = detector()
     assert feed(det, series) == [200]
     assert 6.0 not in det.values
 
 
 def test_a_lasting_spike_is_one_episode_and_the_detector_re_arms():
-    det = RobustSpikeDetector("loss_spike", k=8, window=50, warmup=0, min_rel_jump=0.1)
+    det = detector(window=50, warmup=0)
     series = [3.0 + 0.01 * (i % 3) for i in range(60)] + [7.0] * 20 + [3.0] * 20 + [8.0] + [3.0] * 5
     assert feed(det, series) == [60, 100]
 
 
 def test_warmup_is_ignored():
-    det = RobustSpikeDetector("loss_spike", k=8, window=20, warmup=50, min_rel_jump=0.1)
+    det = detector(window=20, warmup=50)
     series = [10.0 - 0.1 * i for i in range(50)] + [5.0] * 50
     assert feed(det, series) == []
 
@@ -78,24 +83,87 @@ def test_loss_scale_detector_fires_on_overflow_runs_and_on_the_floor_once():
     assert det.longest == 5
 
 
-def test_spike_score_matches_a_hand_computation():
-    window, sigma = 20, 3.0
-    rng = random.Random(2)
-    values = [1.0 + rng.gauss(0, 0.1) for _ in range(60)]
-    values[30] = values[45] = 5.0
-    score = SpikeScore(window, sigma)
-    got = [score.update(v) for v in values]
-    # by hand: judge each value against the mean/std of up to `window` earlier values
-    flags = []
-    for i, v in enumerate(values):
-        prev = values[max(0, i - window) : i]
-        if len(prev) >= SpikeScore.min_history:
-            m = sum(prev) / len(prev)
-            s = math.sqrt(sum((p - m) ** 2 for p in prev) / (len(prev) - 1))
-            flags.append(int(abs(v - m) >= sigma * s))
-        recent = flags[-window:]
-        assert got[i] == pytest.approx(sum(recent) / len(recent) if recent else 0.0)
-    assert flags.count(1) >= 2 and got[50] > 0
+def test_a_lasting_jump_is_one_spike_then_a_level_shift_and_later_spikes_still_fire():
+    det = detector(window=50, warmup=0, level_shift_steps=10)
+    low = [3.0 + 0.01 * (i % 3) for i in range(60)]
+    high = [6.0 + 0.01 * (i % 3) for i in range(40)]
+    series = low + high + [12.0] + high[:5]
+    fired = {i: f for i, v in enumerate(series) if (f := det.update(v))}
+    assert sorted(fired) == [60, 69, 100]
+    spike, shift, later = fired[60], fired[69], fired[100]
+    assert spike.kind == "loss_spike" and spike.value == 6.0
+    # the tenth value of the episode: the median of its values is the new level, the old one the baseline
+    assert (shift.kind, shift.series, shift.value, shift.baseline) == ("level_shift", "loss", 6.01, 3.01)
+    assert later.kind == "loss_spike" and later.value == 12.0 and later.baseline == 6.01
+    assert 3.0 not in det.values and det.episode == [] and len(det.values) == 10 + 30 + 5
+
+
+def test_a_spike_shorter_than_the_bound_is_no_level_shift():
+    det = detector(window=50, warmup=0, level_shift_steps=10)
+    series = [3.0 + 0.01 * (i % 3) for i in range(60)] + [7.0] * 9 + [3.0] * 5
+    fired = [(i, f.kind) for i, v in enumerate(series) if (f := det.update(v))]
+    assert fired == [(60, "loss_spike")]
+    assert 7.0 not in det.values
+
+
+def test_the_monitor_records_a_level_shift_without_an_action():
+    mon = SpikeMonitor(SpikesConfig(warmup=0, window=20, level_shift_steps=5), fp16=False)
+    steps = [(3.0 + 0.01 * (i % 3), 1.0 + 0.01 * (i % 2)) for i in range(30)] + [(9.0, 1.0)] * 8
+    out = []
+    for i, (loss, gn) in enumerate(steps):
+        firings, metrics = mon.observe(loss, gn, overflow=False, scale=None)
+        out.append((i, [f.kind for f in firings], metrics["spike/fired"], mon.pop_level_shifts()))
+    assert [(i, k) for i, k, _, _ in out if k] == [(30, ["loss_spike"])]  # the action is for the spike alone
+    shifts = [(i, s) for i, _, fired, found in out for s in found]
+    assert [(i, s.kind, s.series, s.value) for i, s in shifts] == [(34, "level_shift", "loss", 9.0)]
+    assert out[34][2] == 0 and mon.fired == 1
+    assert mon.pop_level_shifts() == []  # handed over once
+    assert firing_record(shifts[0][1]) == {
+        "kind": "level_shift",
+        "series": "loss",
+        "value": 9.0,
+        "threshold": shifts[0][1].threshold,
+        "baseline": 3.01,
+    }
+
+
+def test_spike_score_against_a_series_worked_out_by_hand():
+    # OLMo 2's definition with window 4, sigma 2: each value against the mean and population std
+    # of the 4 values before it, either side, once 4 earlier values exist.
+    score = SpikeScore(window=4, sigma=2.0)
+    got = [score.update(v) for v in (1.0, 3.0, 1.0, 3.0, 5.0, math.nan, 4.0, 0.0)]
+    # 1, 3, 1, 3: fewer than 4 earlier values, not judged: no score yet
+    # 5: window 1 3 1 3, mean 2, std 1; |5 - 2| = 3 >= 2: spike                          1/1
+    # nan: neither judged nor kept                                                        1/1
+    # 4: window 3 1 3 5, mean 3, var (0+4+0+4)/4 = 2, std 1.414; |4 - 3| = 1 < 2.83      1/2
+    # 0: window 1 3 5 4 (the first 1 has left), mean 3.25,
+    #    var (5.0625+0.0625+3.0625+0.5625)/4 = 2.1875, std 1.479; |0 - 3.25| = 3.25 >= 2.958:
+    #    a spike below the mean (with the n-1 std, 1.708, it would not be: 3.25 < 3.416)  2/3
+    assert got[:4] == [None] * 4
+    assert got[4:] == [1.0, 1.0, 0.5, pytest.approx(2 / 3)]
+
+
+@pytest.mark.parametrize(
+    "window_values, value, expected",
+    [
+        ((1.0, 3.0, 1.0, 3.0), 4.0, 1.0),  # mean 2, std 1: exactly 2 std away counts ("at least")
+        ((1.0, 3.0, 1.0, 3.0), 3.9, 0.0),  # 1.9 std: not a spike
+        ((1.0, 3.0, 1.0, 3.0), 0.0, 1.0),  # 2 std below
+        ((2.0, 2.0, 2.0, 2.0), 5.0, 0.0),  # std 0: nothing is judged a spike
+    ],
+)
+def test_spike_score_edges_by_hand(window_values, value, expected):
+    score = SpikeScore(window=4, sigma=2.0)
+    for v in window_values:
+        assert score.update(v) is None
+    assert score.update(value) == expected
+
+
+def test_the_spike_score_is_absent_until_a_full_window():
+    mon = SpikeMonitor(SpikesConfig(score_window=10), fp16=False)
+    keys = [set(mon.observe(3.0 + 0.01 * i, 1.0, False, None)[1]) for i in range(11)]
+    assert all("spike/score_loss" not in k for k in keys[:10])
+    assert {"spike/score_loss", "spike/score_grad_norm"} <= keys[10]
 
 
 def test_policy_cooldown_and_caps():
@@ -107,12 +175,18 @@ def test_policy_cooldown_and_caps():
 
 def test_monitor_state_round_trips():
     rng = random.Random(3)
-    a = SpikeMonitor(SpikesConfig(warmup=5, window=20), fp16=True)
-    b = SpikeMonitor(SpikesConfig(warmup=5, window=20), fp16=True)
+    cfg = SpikesConfig(warmup=5, window=20, level_shift_steps=6, score_window=10)
+    a, b = SpikeMonitor(cfg, fp16=True), SpikeMonitor(cfg, fp16=True)
     series = [(3 + rng.gauss(0, 0.05), 1 + rng.gauss(0, 0.05)) for _ in range(80)]
-    series[60] = (9.0, 30.0)
-    for loss, gn in series[:40]:
+    series[37:80] = [(9 + rng.gauss(0, 0.05), gn) for _, gn in series[37:80]]  # a lasting jump from 37
+    series[60] = (30.0, 30.0)
+    for loss, gn in series[:40]:  # stop inside the episode that began at 37
         a.observe(loss, gn, False, 1024.0)
-    b.load_state_dict(a.state_dict())
+    assert a.loss.episode and a.pop_level_shifts() == []
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # as the checkpoint keeps it
+    seen = []
     for loss, gn in series[40:]:
-        assert a.observe(loss, gn, False, 1024.0) == b.observe(loss, gn, False, 1024.0)
+        got = a.observe(loss, gn, False, 1024.0), a.pop_level_shifts()
+        assert got == (b.observe(loss, gn, False, 1024.0), b.pop_level_shifts())
+        seen += [f.kind for f in got[0][0] + got[1]]
+    assert seen == ["level_shift", "loss_spike", "grad_norm_spike"]
