@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -30,15 +31,107 @@ from dsinstab.config import (
     to_yaml,
 )
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout, whose configs/ and ds_configs/ are shipped
+DEFAULT_DS_CONFIG = "ds_configs/zero2_bf16.json"
+
+EXAMPLES = """\
+examples:
+  # the default run: bf16, ZeRO-2, 400 steps of a 4.3M-parameter Llama-style model
+  deepspeed scripts/train.py
+  # fp16 at a higher learning rate, under a name of your own
+  deepspeed scripts/train.py --ds_config ds_configs/zero2_fp16.json --set trainer.lr=1e-2 utils.run_name=fp16-lr1e-2
+  # a preset, and a ds_config by its bare name (ds_configs/NAME.json)
+  deepspeed scripts/train.py --ds_config zero2_fp16 --preset fp16-collapse
+  # two ranks (on a CPU: two processes), ZeRO-3
+  deepspeed --num_gpus 2 scripts/train.py --ds_config ds_configs/zero3_bf16.json
+  # continue a run from its latest checkpoint
+  deepspeed scripts/train.py --ds_config ds_configs/zero2_fp16.json --resume latest --set utils.run_name=fp16-lr1e-2
+  # check everything, print the resolved config, exit
+  python scripts/train.py --dry-run --set model.arch=qwen3
+
+Paths are taken relative to the working directory first, then to the checkout ({root}),
+so the shipped configs work from any directory. Runs land in <utils.output_dir>/<utils.run_name>
+(default runs/<ds_config>-<date>-<time>, below the working directory).
+"""
+
+
+def find_path(path: str | Path, folder: str = "", suffix: str = "") -> Path:
+    """``path`` as given (relative to the working directory), else the same path inside the
+    checkout, else, for a bare name, ``<folder>/<name><suffix>`` in the checkout. A path found
+    nowhere comes back as given, for the error to name it."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    candidates = [ROOT / p]
+    if folder and len(p.parts) == 1:
+        candidates.append(ROOT / folder / (p.name if p.suffix == suffix else p.name + suffix))
+    return next((c for c in candidates if c.exists()), p)
+
+
+def shipped(folder: str, pattern: str) -> list[tuple[str, str]]:
+    """(name, first comment line) of each shipped file, e.g. the presets with their summary."""
+    out = []
+    for f in sorted((ROOT / folder).glob(pattern)):
+        first = f.read_text().splitlines()[:1] if f.suffix == ".yaml" else []
+        out.append((f.stem, first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""))
+    return out
+
+
+def presets_help() -> str:
+    rows = shipped("configs/presets", "*.yaml")
+    width = max((len(n) for n, _ in rows), default=0)
+    lines = [f"  {n:<{width}}  {summary}" for n, summary in rows]
+    return "presets (--preset NAME, configs/presets/NAME.yaml):\n" + "\n".join(lines)
+
+
+def ds_configs_help() -> str:
+    names = ", ".join(n for n, _ in shipped("ds_configs", "*.json"))
+    names = textwrap.fill(names, 96, initial_indent="  ", subsequent_indent="  ")
+    return f"ds_configs (--ds_config ds_configs/NAME.json or NAME):\n{names}"
+
+
+EXIT_CODES = {
+    0: "finished",
+    2: "bad input (one sentence on stderr, nothing written)",
+    3: "DeepSpeed's fp16 loss scale hit its minimum (the last good state is saved)",
+    4: "stopped by a spike detector",
+    5: "a checkpoint could not be written",
+    130: "interrupted after saving a checkpoint (--resume latest continues)",
+}
+
+
+def exit_codes_help() -> str:
+    return "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train.py", description="Train a causal LM in a DeepSpeed engine.")
-    p.add_argument("--ds_config", default="ds_configs/zero2_bf16.json", help="DeepSpeed JSON config")
-    p.add_argument("--config_dir", default="configs", help="folder with trainer/model/dataset/utils.yaml")
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a causal LM in a DeepSpeed engine; watch every step for loss spikes, "
+        "fp16 overflows and divergence.",
+        epilog="\n\n".join(
+            [EXAMPLES.format(root=ROOT), presets_help(), ds_configs_help(), exit_codes_help()]
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--ds_config",
+        default=DEFAULT_DS_CONFIG,
+        metavar="PATH|NAME",
+        help="DeepSpeed JSON config: precision, ZeRO stage, fp16 loss scaler (default: %(default)s)",
+    )
+    p.add_argument(
+        "--config_dir",
+        default="configs",
+        metavar="DIR",
+        help="folder with trainer/model/dataset/utils.yaml (default: %(default)s)",
+    )
     p.add_argument(
         "--preset",
         default=None,
-        help="a YAML of sections applied on top (name under configs/presets/ or a path)",
+        metavar="NAME|PATH",
+        help="a YAML of sections applied on top: a name under <config_dir>/presets/ (listed below) "
+        "or a path (default: none)",
     )
     p.add_argument(
         "--set",
@@ -47,16 +140,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="extend",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override a key, e.g. --set trainer.lr=1e-2 utils.run_name=bf16-lr1e-2",
+        help="override any key, applied last, e.g. --set trainer.lr=1e-2 trainer.spikes.action=rollback "
+        "utils.run_name=bf16-lr1e-2",
     )
     p.add_argument(
         "--dry-run",
         "--dry_run",
         dest="dry_run",
         action="store_true",
-        help="print the resolved config (ds_config included) and exit",
+        help="check everything the run checks without loading data, print the resolved config "
+        "(ds_config included) and exit",
     )
-    p.add_argument("--resume", default=None, metavar="latest|TAG", help="continue the run from a checkpoint")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="latest|TAG",
+        help="continue the run named by utils.run_name from a checkpoint (default: start fresh)",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="delete an existing run directory of the same name"
     )
@@ -67,16 +167,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, list[str]]:
+    """The run config and the resolved ds_config, from any working directory."""
+    args.config_dir = str(find_path(args.config_dir))
+    if args.preset and Path(args.preset).suffix in (".yaml", ".yml"):
+        args.preset = str(find_path(args.preset))
+    ds_path = find_path(args.ds_config, "ds_configs", ".json")
+    if not ds_path.exists():
+        names = ", ".join(n for n, _ in shipped("ds_configs", "*.json"))
+        raise ConfigError(f"--ds_config: {args.ds_config} does not exist; give a path or one of {names}.")
+    args.ds_config = str(ds_path)
     cfg = load_config(args.config_dir, args.overrides, args.preset)
-    cfg.ds_config, notes = resolve_ds_config(read_ds_config(args.ds_config), args.ds_config, cfg, world_size)
-    cfg.ds_config_path = str(args.ds_config)
+    cfg.ds_config, notes = resolve_ds_config(read_ds_config(ds_path), ds_path, cfg, world_size)
+    cfg.ds_config_path = str(ds_path)
     return cfg, notes
+
+
+def preflight(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """The checks the run makes that need no data loaded: the corpus exists (a hub source has a
+    name, a local path matches files, a saved dataset is one) and the run directory can be made."""
+    from dsinstab.data import corpus_spec
+
+    corpus_spec(cfg.dataset)
+    if cfg.utils.run_name:
+        run_dir = Path(cfg.utils.output_dir).expanduser() / cfg.utils.run_name
+        check_run_dir(run_dir, args.resume, args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, notes = resolve(args, int(os.environ.get("WORLD_SIZE", "1")))
+        preflight(cfg, args)
         if args.dry_run:
             print(to_yaml(cfg), end="")
             return 0
@@ -87,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Decided on global rank 0 and broadcast: another node may see no such folder, or an old one."""
+    from dsinstab.checkpoint import on_rank_zero
+
+    on_rank_zero(_check_run_dir, run_dir, resume, overwrite)
+
+
+def _check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite exclude each other; pick one.")
     if resume and not run_dir.is_dir():
@@ -126,11 +254,13 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     import deepspeed.comm as dist
 
     from dsinstab import loop
-    from dsinstab.checkpoint import Checkpointer
+    from dsinstab.checkpoint import Checkpointer, data_layout
     from dsinstab.data import BatchOrder, prepare_data
     from dsinstab.diagnostics import Diagnostics
     from dsinstab.engine import build_engine
     from dsinstab.model import build_model, count_parameters
+    from dsinstab.plugins import Plugins
+    from dsinstab.run_state import restore
     from dsinstab.spikes import SpikeMonitor
     from dsinstab.tracking import NullSink, open_sink
 
@@ -154,8 +284,9 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     model = build_model(m, cfg.dataset.vocab_size, data.eos_id, t.seed)
     n_params = count_parameters(model)  # before ZeRO-3 partitions the parameters away
     engine = build_engine(model, t, cfg.ds_config)
-    checkpointer = Checkpointer(engine, run_dir, t.keep_checkpoints, rank == 0)
-    tag = checkpointer.resolve(args.resume) if args.resume else None
+    layout = data_layout(cfg, world, Path(data.cache_path).name)
+    checkpointer = Checkpointer(engine, run_dir, t.keep_checkpoints, rank == 0, layout)
+    tag = checkpointer.resolve(args.resume) if args.resume else None  # refuses a changed data layout
     say(
         f"model: {m.arch}, {n_params / 1e6:.2f}M parameters; {precision(cfg.ds_config)}, "
         f"ZeRO-{cfg.ds_config.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s)"
@@ -167,8 +298,11 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
         if args.overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        # each segment's config is kept: config.yaml is the first, never overwritten
+        segment = f"config-resume-{checkpointer.saved_step(tag)}.yaml" if tag else "config.yaml"
+        (run_dir / segment).write_text(to_yaml(cfg))
         model.config.save_pretrained(run_dir / "hf")  # zero_to_fp32.py can write weights beside it
+        data.save_tokenizer(run_dir / "hf")  # so the converted model can decode the spiking batch
     dist.barrier()
     run = loop.Run(
         cfg=cfg,
@@ -178,7 +312,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
         order=order,
         monitor=SpikeMonitor(t.spikes, precision(cfg.ds_config) == "fp16"),
         checkpointer=checkpointer,
-        diagnostics=Diagnostics(t.diagnostics, model, engine, t.adam_eps, t.adam_beta2),
+        plugins=Plugins([Diagnostics(t.diagnostics, model, engine, t.adam_eps, t.adam_beta2)]),
         sink=NullSink(),
         run_dir=run_dir,
         rank=rank,
@@ -188,12 +322,17 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     if rank == 0:
         run.sink = open_sink(run_dir, u.report_to, u.wandb_project, u.run_name, cfg.to_dict(), bool(tag))
     if tag:
-        loop.restore(run, checkpointer.load(tag))
+        restore(run, checkpointer.load(tag))
         run.sink.rewind(run.step, events=True)  # what came after the checkpoint is logged again
         say(f"resumed from {tag} at step {run.step}")
     loop.write_status(run, "running", None)
     say(f"run directory: {run_dir}  (ready in {time.time() - t_start:.1f}s)")
     try:
-        return loop.train(run)
+        code = loop.train(run)
     finally:
         run.sink.close()
+    if rank == 0:  # how the run ended, what it wrote, and the command that makes its report
+        from dsinstab.report import run_summary
+
+        say(run_summary(run_dir))
+    return code

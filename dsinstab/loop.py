@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 import resource
 import signal
 import time
@@ -22,10 +21,13 @@ import torch
 from tqdm import tqdm
 
 from dsinstab import engine as eng
+from dsinstab import lowp
 from dsinstab.checkpoint import Checkpointer, CheckpointWriteError, write_atomic
 from dsinstab.config import RunConfig
 from dsinstab.data import BatchOrder, PackedData
 from dsinstab.model import lm_loss
+from dsinstab.plugins import Plugins
+from dsinstab.run_state import restore, save
 from dsinstab.spikes import SpikeMonitor, firing_record
 from dsinstab.tracking import json_safe
 
@@ -51,7 +53,7 @@ class Run:
     monitor: SpikeMonitor
     checkpointer: Checkpointer
     sink: object
-    diagnostics: object  # dsinstab.diagnostics.Diagnostics
+    plugins: Plugins  # probes and mitigations: per-step hooks whose state rides in the checkpoint
     run_dir: Path
     rank: int
     world: int
@@ -61,6 +63,7 @@ class Run:
     tokens_seen: int = 0
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     stop_requested: bool = False
+    step_indices: list = field(default_factory=list)  # this rank's blocks of the step, per micro batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,24 +73,28 @@ class Run:
 def train_step(run: Run, ctx) -> tuple[torch.Tensor, float]:
     """One optimizer step over ``gradient_accumulation_steps`` micro batches.
 
-    Returns this rank's mean (loss, z-loss) as a tensor (no host sync here) and the global grad
-    norm. The probes see the logits, and the model just before and after the optimizer step.
+    Returns this rank's mean (loss, z-loss) as a tensor on the engine's device (no host sync here)
+    and the global grad norm. The plug-ins see the logits, and the model just before and after the
+    optimizer step.
     """
-    engine, gas, diag = run.engine, run.cfg.trainer.gradient_accumulation_steps, run.diagnostics
-    total, norm_before = torch.zeros(2), None
+    engine, gas, plugins = run.engine, run.cfg.trainer.gradient_accumulation_steps, run.plugins
+    total, norm_before = torch.zeros(2, device=engine.device), None
+    run.step_indices = []
     for micro in range(gas):
-        batch = run.data.blocks("train", run.order.next())
+        indices = run.order.next()
+        run.step_indices.append(indices.tolist())
+        batch = run.data.blocks("train", indices).to(engine.device, non_blocking=True)
         with ctx:
             logits = engine(input_ids=batch[:, :-1]).logits
-            diag.observe_logits(logits)
+            plugins.observe_logits(logits)
             loss, parts = lm_loss(logits, batch[:, 1:], run.cfg.trainer.z_loss)
             engine.backward(loss)
         if micro == gas - 1:  # the accumulation boundary: engine.step() below applies the update
             norm_before = eng.grads_norm(run.model) if eng.needs_pre_step_norm(engine) else None
-            diag.before_step()
+            plugins.before_step()
         step_engine(engine)
-        total += torch.stack([parts["ce"], parts.get("z_loss", torch.zeros(()))]).float()
-    diag.after_step()
+        total += torch.stack([parts["ce"], parts.get("z_loss", parts["ce"] * 0)]).float()
+    plugins.after_step()
     return total / gas, eng.grad_norm(engine, run.model, norm_before)
 
 
@@ -105,19 +112,32 @@ def step_engine(engine) -> None:
 
 
 def train(run: Run) -> int:
-    """Train to ``max_steps``; returns the exit code (see the README)."""
+    """Train to ``max_steps``; returns the exit code (see the README).
+
+    The signal handlers are this function's for its length: the caller's come back afterwards,
+    so a process that trains several runs (a benchmark, a sweep) still answers SIGTERM.
+    """
+    previous = install_signal_handlers(run)
     try:
         return _train(run)
     except CheckpointWriteError as e:
         run.sink.event({"step": run.step, "kind": "checkpoint_failed", "action": "stop", "message": str(e)})
         run.say(f"step {run.step}: {e}")
         return finish(run, "checkpoint_failed", EXIT_CHECKPOINT_FAILED)
+    except KeyboardInterrupt:  # a second signal: leave at once, without a checkpoint
+        write_status(run, "interrupted", EXIT_INTERRUPTED, "a second SIGINT/SIGTERM; no checkpoint saved")
+        raise
+    except BaseException as e:
+        write_status(run, "failed", None, f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _train(run: Run) -> int:
     t = run.cfg.trainer
-    ctx = eng.compute_context(run.engine)
-    install_signal_handlers(run)
+    ctx = lowp.compute_context(run.engine, run.cfg.utils.cpu_compute, log=run.say)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * run.world * run.cfg.model.seq_len
     bar = progress_bar(run)
     window_time, window_tokens = 0.0, 0
@@ -126,7 +146,7 @@ def _train(run: Run) -> int:
     while run.step < t.max_steps:
         step = run.step + 1
         lr = eng.current_lr(run.engine)
-        run.diagnostics.begin_step(step)
+        run.plugins.begin_step(step)
         t0 = time.perf_counter()
         try:
             with injected_fault(run, step):
@@ -140,7 +160,7 @@ def _train(run: Run) -> int:
         loss = ce + z_loss
         overflow, scale = eng.overflowed(run.engine), eng.loss_scale(run.engine)
         firings, spike_metrics = run.monitor.observe(loss, grad_norm, overflow, scale)
-        diag_metrics = run.diagnostics.collect()
+        diag_metrics = dict(sorted(run.plugins.collect().items()))
         metrics = {
             "train/loss": loss,
             "train/lr": lr,
@@ -165,11 +185,15 @@ def _train(run: Run) -> int:
             code = on_firings(run, step, firings, lr, grad_norm, scale)
             if code is not None:
                 return code
+        rolled_back = run.step != step  # the state is a checkpoint's again: nothing new to save
         periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
-        if periodic or stop:
+        if (periodic or stop) and not rolled_back:
             save(run, f"step-{step}")
         if stop:
-            run.say(f"interrupted: saved step-{step}; continue with --resume latest")
+            run.say(
+                f"interrupted: {'rolled back to a checkpoint' if rolled_back else f'saved step-{step}'}; "
+                "continue with --resume latest"
+            )
             return finish(run, "interrupted", EXIT_INTERRUPTED)
     bar.close()
     return finish(run, "finished", EXIT_FINISHED)
@@ -186,8 +210,9 @@ def precision_metrics(engine, scale: float | None) -> dict:
 
 
 def reduce_step(run: Run, losses: torch.Tensor) -> tuple[list[float], bool]:
-    """Mean losses over ranks, and whether any rank was asked to stop: one collective per step."""
-    buf = torch.cat([losses.float(), torch.tensor([float(run.stop_requested)])])
+    """Mean losses over ranks, and whether any rank was asked to stop: one collective, and the
+    step's one host sync."""
+    buf = torch.cat([losses.float(), torch.tensor([float(run.stop_requested)], device=losses.device)])
     if run.world > 1:
         dist.all_reduce(buf)
     return (buf[:-1] / run.world).tolist(), bool(buf[-1] > 0)
@@ -199,13 +224,15 @@ def evaluate(run: Run, ctx) -> float:
     t, engine = run.cfg.trainer, run.engine
     n = len(run.data.validation)
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (sum of losses, batches)
     for i in range(t.eval_batches):
         start = (i * run.world + run.rank) * t.micro_batch_size
-        batch = run.data.blocks("validation", torch.arange(start, start + t.micro_batch_size) % n)
+        indices = torch.arange(start, start + t.micro_batch_size) % n
+        batch = run.data.blocks("validation", indices).to(engine.device, non_blocking=True)
         with ctx:
             _, parts = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:], 0.0)
-        total += torch.tensor([float(parts["ce"]), 1.0], dtype=torch.float64)
+        total[0] += parts["ce"].double()
+        total[1] += 1
     engine.train()
     if run.world > 1:
         dist.all_reduce(total)
@@ -241,13 +268,13 @@ def on_firings(run: Run, step: int, firings, lr: float, grad_norm: float, scale)
 
 
 def event_record(run: Run, step: int, firings, lr, grad_norm, scale, action: str) -> dict:
-    """One line of events.jsonl: what fired, the state around it, and the batch on every rank."""
-    mine = run.order.indices_at(run.order.position - 1).tolist()
+    """One line of events.jsonl: what fired, the state around it, and the blocks of the step on
+    every rank: ``batch_indices[rank][micro_batch]``."""
     gathered = [None] * run.world
     if run.world > 1:
-        dist.all_gather_object(gathered, mine)
+        dist.all_gather_object(gathered, run.step_indices)
     else:
-        gathered = [mine]
+        gathered = [run.step_indices]
     first = firings[0]
     return json_safe(
         {
@@ -332,7 +359,6 @@ def injected_fault(run: Run, step: int):
         yield
         return
     groups = run.engine.optimizer.param_groups
-    saved_lr = [g["lr"] for g in groups]
     scale = run.model.embedding_scale
     saved_factor = scale.factor
     if inj.kind == "lr":
@@ -343,46 +369,20 @@ def injected_fault(run: Run, step: int):
     try:
         yield
     finally:
-        for g, lr in zip(groups, saved_lr):
+        # The schedule's own value: the lr of the next step when this one was applied, of this
+        # step again when an fp16 overflow skipped it (the schedule then did not advance).
+        for g, lr in zip(groups, run.engine.lr_scheduler.get_last_lr()):
             g["lr"] = lr
         scale.factor = saved_factor
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint state, signals, status
+# Signals, status
 
 
-def client_state(run: Run) -> dict:
-    return {
-        "step": run.step,
-        "tokens_seen": run.tokens_seen,
-        "batch_order": run.order.state_dict(),
-        "monitor": run.monitor.state_dict(),
-        "history": list(run.history),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }
-
-
-def restore(run: Run, client: dict) -> None:
-    state = client["dsinstab"]
-    run.step, run.tokens_seen = state["step"], state["tokens_seen"]
-    run.order.load_state_dict(state["batch_order"])
-    run.monitor.load_state_dict(state["monitor"])
-    run.history.clear()
-    run.history.extend(state["history"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-
-
-def save(run: Run, tag: str, event: dict | None = None) -> None:
-    state = {"dsinstab": client_state(run)}
-    if event is not None:
-        state["dsinstab_event"] = event
-    run.checkpointer.save(tag, state, run.step)
-
-
-def install_signal_handlers(run: Run) -> None:
-    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the current step."""
+def install_signal_handlers(run: Run) -> dict:
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the current step;
+    returns the handlers they replace."""
 
     first: list[float] = []
 
@@ -394,8 +394,7 @@ def install_signal_handlers(run: Run) -> None:
         first[:] = first or [time.monotonic()]
         run.stop_requested = True
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
 def progress_bar(run: Run):
@@ -409,17 +408,13 @@ def finish(run: Run, state: str, code: int) -> int:
     return code
 
 
-def write_status(run: Run, state: str, code: int | None) -> None:
+def write_status(run: Run, state: str, code: int | None, message: str | None = None) -> None:
     if run.rank == 0:
-        write_atomic(
-            run.run_dir / "status.json",
-            json.dumps(
-                {
-                    "state": state,
-                    "step": run.step,
-                    "exit_code": code,
-                    "tokens_seen": run.tokens_seen,
-                    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                }
-            ),
-        )
+        status = {
+            "state": state,
+            "step": run.step,
+            "exit_code": code,
+            "tokens_seen": run.tokens_seen,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        }
+        write_atomic(run.run_dir / "status.json", json.dumps(status | ({"message": message} if message else {})))
