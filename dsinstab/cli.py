@@ -7,6 +7,7 @@ have all been checked; bad input exits with code 2 and one sentence.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import logging
 import os
@@ -183,14 +184,17 @@ def resolve(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, list[
 
 
 def preflight(cfg: RunConfig, args: argparse.Namespace) -> None:
-    """The checks the run makes that need no data loaded: the corpus exists (a hub source has a
-    name, a local path matches files, a saved dataset is one) and the run directory can be made."""
+    """The checks the run makes that need no data loaded, on every rank before anything starts:
+    the corpus exists (a hub source has a name, a local path matches files, a saved dataset is
+    one). A dry run also checks the run directory, which a run decides on rank 0 once started."""
     from dsinstab.data import corpus_spec
 
     corpus_spec(cfg.dataset)
-    if cfg.utils.run_name:
+    if args.dry_run and cfg.utils.run_name:
         run_dir = Path(cfg.utils.output_dir).expanduser() / cfg.utils.run_name
-        check_run_dir(run_dir, args.resume, args.overwrite)
+        # DeepSpeed's logger, made when check_run_dir imports it, prints to stdout: keep the YAML clean
+        with contextlib.redirect_stdout(sys.stderr):
+            check_run_dir(run_dir, args.resume, args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
