@@ -2,7 +2,9 @@
 
 ``python scripts/compare.py RUN [RUN ...] --out DIR`` writes PNG plots, ``report.md`` and a
 self-contained ``report.html`` (plots embedded). The first two runs are the pair the difference
-plot compares, typically fp16 and bf16 with the same seed and data.
+plot compares, typically fp16 and bf16 with the same seed and data. ``docs/reading-the-report.md``
+explains every plot and every column. :func:`run_summary` is what ``scripts/train.py`` prints when a
+run ends.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -24,7 +27,8 @@ import yaml  # noqa: E402
 from dsinstab.config import ConfigError  # noqa: E402
 from dsinstab.tracking import read_jsonl  # noqa: E402
 
-SPIKE_KINDS = {"loss_spike", "grad_norm_spike", "nonfinite_loss", "nonfinite_grad_norm"}
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "reading-the-report.md"
 ENDINGS = {
     "finished": "finished",
     "stopped": "stopped by a detector",
@@ -34,6 +38,8 @@ ENDINGS = {
     "running": "still running or killed",
 }
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+# diag/ families drawn on a log scale: positive quantities that grow by orders of magnitude
+LOG_FAMILIES = ("attn_logit_max", "grad_norm", "param_norm", "update_ratio", "adam_rms_over_eps", "act_rms")
 
 
 @dataclass
@@ -64,6 +70,20 @@ class RunData:
     @property
     def label(self) -> str:
         return f"{self.name} ({self.precision})"
+
+    @property
+    def firings(self) -> list[tuple[int, str]]:
+        """(step, kind) of every detector firing: each spike event lists the firings of its step.
+        Events without firings (a rollback, DeepSpeed giving up, a failed checkpoint) are not spikes."""
+        return [(e["step"], f["kind"]) for e in self.events for f in e.get("firings", [])]
+
+    @property
+    def end_step(self) -> int | None:
+        """The step a run was ended at, for runs that did not finish: the stopping event's step.
+        DeepSpeed's giving up at the minimum loss scale is at step N while status.json holds N-1,
+        the last step applied."""
+        stops = [e["step"] for e in self.events if e.get("action") == "stop"]
+        return stops[-1] if stops else self.status.get("step")
 
 
 def load_run(path: str | Path) -> RunData:
@@ -113,7 +133,8 @@ def summarize(run: RunData) -> dict:
         "final eval loss": evals[-1] if evals else None,
         "best eval loss": min(finite_evals) if finite_evals else None,
         "final train loss": last["train/loss"],
-        "spikes": sum(e.get("kind") in SPIKE_KINDS for e in run.events),
+        "spikes": len(run.firings),
+        "spike kinds": spike_kinds(run.firings),
         "rollbacks": sum(e.get("kind") == "rollback" for e in run.events),
         "overflow steps": int(sum(overflow)),
         "longest overflow run": longest_run(overflow),
@@ -123,6 +144,20 @@ def summarize(run: RunData) -> dict:
         "spike score grad": last.get("spike/score_grad_norm"),
         "tokens/s": statistics.median(tps) if tps else None,
     }
+
+
+def spike_kinds(firings: list[tuple[int, str]]) -> str | None:
+    """``loss_spike (9), overflow_run x2 (24, 40)``: each kind with the steps it fired at."""
+    steps: dict[str, list[int]] = {}
+    for step, kind in firings:
+        steps.setdefault(kind, []).append(step)
+    if not steps:
+        return None
+    parts = []
+    for kind, at in steps.items():
+        shown = ", ".join(map(str, at[:3])) + (", ..." if len(at) > 3 else "")
+        parts.append(f"{kind} ({shown})" if len(at) == 1 else f"{kind} x{len(at)} ({shown})")
+    return ", ".join(parts)
 
 
 def _fmt(v) -> str:
@@ -137,17 +172,46 @@ def _fmt(v) -> str:
 # The plots
 
 
+def _value(v) -> float | None:
+    """A logged value as a float: events keep non-finite values as the strings "inf"/"nan"."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def _mark_events(ax, run: RunData, color: str, key: str) -> None:
-    """Spikes as triangles, rollbacks as diamonds, on the run's own curve."""
-    steps, values = run.series(key)
-    at = dict(zip(steps, values))
+    """Spikes as triangles, rollbacks as diamonds, on the run's own curve. Where the curve has no
+    finite value at the event's step (an inf or nan loss), the marker sits on the top edge of the
+    axes, labelled with the value."""
+    at = dict(zip(*run.series(key)))
     for e in run.events:
-        kind, step = e.get("kind"), e.get("step")
-        y = at.get(step)
-        if y is None or not math.isfinite(y):
-            continue
-        marker = "D" if kind == "rollback" else "^"
-        ax.plot([step], [y], marker=marker, color=color, markersize=9, markeredgecolor="black", zorder=5)
+        step = e.get("step")
+        if e.get("kind") != "rollback" and not e.get("firings"):
+            continue  # not a spike: DeepSpeed giving up or a failed checkpoint ends the curve instead
+        y = _value(at.get(step))
+        if y is None:  # not logged at this step (log_every > 1): the event's own record of it
+            y = _value(next((r.get(key) for r in e.get("recent", []) if r.get("step") == step), None))
+        style = dict(
+            marker="D" if e["kind"] == "rollback" else "^",
+            color=color,
+            markersize=9,
+            markeredgecolor="black",
+            zorder=5,
+        )
+        if y is not None and math.isfinite(y):
+            ax.plot([step], [y], **style)
+        else:
+            ax.plot([step], [1.0], transform=ax.get_xaxis_transform(), clip_on=False, **style)
+            ax.annotate(
+                "nan" if y is None or math.isnan(y) else "inf",
+                (step, 1.0),
+                xycoords=ax.get_xaxis_transform(),
+                xytext=(6, -10),
+                textcoords="offset points",
+                fontsize=8,
+                color=color,
+            )
 
 
 def _draw_losses(ax, runs: list[RunData]) -> None:
@@ -159,13 +223,15 @@ def _draw_losses(ax, runs: list[RunData]) -> None:
         _mark_events(ax, run, color, "train/loss")
         if run.status.get("state") in ("min_loss_scale", "stopped", "checkpoint_failed"):
             ax.axvline(
-                run.status["step"],
+                run.end_step,
                 color=color,
                 ls=":",
                 lw=1.5,
-                label=f"{run.name}: {ENDINGS[run.status['state']]}",
+                label=f"{run.name}: {ENDINGS[run.status['state']]} at step {run.end_step}",
             )
-    ax.set(xlabel="step", ylabel="loss", title="Loss (▲ spike, ◆ rollback)")
+    ax.set(
+        xlabel="step", ylabel="loss", title="Loss (▲ spike, ◆ rollback; on the top edge: at an inf/nan loss)"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -279,7 +345,7 @@ def plot_diagnostics(runs: list[RunData], out: Path, prefix: str = "diag/") -> l
                         label=f"{run.name} {key[len(prefix) + len(family) :].strip('/') or family}",
                     )
         ax.set(xlabel="step", title=f"{prefix}{family}")
-        if family in ("attn_logit_max", "grad_norm", "update_ratio", "param_norm", "grad_rms_over_eps"):
+        if family in LOG_FAMILIES:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
@@ -307,6 +373,7 @@ COLUMNS = [
     "best eval loss",
     "final train loss",
     "spikes",
+    "spike kinds",
     "rollbacks",
     "overflow steps",
     "longest overflow run",
@@ -343,8 +410,9 @@ def write_report(paths: list[str | Path], out: str | Path | None = None) -> tupl
     plots = [p for p in plots if p is not None]
     rows = [summarize(r) for r in runs]
     story = [describe(r, row) for r, row in zip(runs, rows)]
-    (out / "report.md").write_text(_markdown(rows, story, notes, plots))
-    (out / "report.html").write_text(_html(rows, story, notes, plots))
+    guide = _guide_link(out)
+    (out / "report.md").write_text(_markdown(rows, story, notes, plots, guide))
+    (out / "report.html").write_text(_html(rows, story, notes, plots, guide))
     return out, notes
 
 
@@ -359,15 +427,22 @@ def describe(run: RunData, row: dict) -> str:
         _, scale = run.series("train/loss_scale")
         if scale:
             text += f"; the loss scale went from {scale[0]:g} to {scale[-1]:g}"
+    if run.status.get("state") == "min_loss_scale":
+        text += f"; DeepSpeed gave up at step {run.end_step}"
     if row["spikes"]:
-        text += f"; {row['spikes']} spike event(s)"
+        text += f"; {row['spikes']} spike(s): {row['spike kinds']}"
     if row["final eval loss"] is not None:
         text += f"; final eval loss {_fmt(row['final eval loss'])}"
     return text + "."
 
 
-def _markdown(rows, story, notes, plots) -> str:
-    lines = ["# dsinstab comparison", ""]
+def _guide_link(out: Path) -> str:
+    """The path of docs/reading-the-report.md as seen from the report folder."""
+    return os.path.relpath(GUIDE, out.resolve()) if GUIDE.exists() else GUIDE.name
+
+
+def _markdown(rows, story, notes, plots, guide) -> str:
+    lines = ["# dsinstab comparison", "", f"How to read this report: [{GUIDE.name}]({guide})", ""]
     lines += [f"- {s}" for s in story] + [""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -376,7 +451,7 @@ def _markdown(rows, story, notes, plots) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html(rows, story, notes, plots) -> str:
+def _html(rows, story, notes, plots, guide) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in COLUMNS) + "</tr>" for r in rows
@@ -395,7 +470,8 @@ def _html(rows, story, notes, plots) -> str:
     )
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>dsinstab comparison</title>"
-        f"<style>{style}</style></head><body><h1>dsinstab comparison</h1><ul>{items}</ul>{warn}"
+        f"<style>{style}</style></head><body><h1>dsinstab comparison</h1>"
+        f'<p>How to read this report: <a href="{html.escape(guide)}">{GUIDE.name}</a></p><ul>{items}</ul>{warn}'
         f"<table><tr>{head}</tr>{body}</table>{imgs}</body></html>\n"
     )
 
@@ -412,3 +488,63 @@ def report_command(paths: list[str | Path], out: str | Path | None) -> Path | No
         print(f"note: {note}")
     print(f"report: {folder / 'report.html'} (and report.md, *.png)")
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The end of a run
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """What ``scripts/train.py`` prints when a run ends: how it ended, its final eval loss, the
+    events and checkpoints it wrote, where it is, and the command that makes its report."""
+    from dsinstab.checkpoint import MARKER, tag_step  # here: it imports deepspeed, which compare.py needs not
+
+    run_dir = Path(run_dir)
+    status = _read_json(run_dir / "status.json")
+    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    events = read_jsonl(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
+    state, step = status.get("state"), status.get("step")
+    ended = {
+        "min_loss_scale": "died at the minimum loss scale: DeepSpeed gave up at step "
+        + str(next((e["step"] for e in events if e.get("kind") == "loss_scale_minimum"), "?"))
+        + f", the last step applied is {step}",
+        "interrupted": f"was interrupted at step {step}; --resume latest continues it",
+    }.get(state, f"{ENDINGS.get(state, 'ended in an unknown state')} at step {step}")
+    if status.get("message"):
+        ended += f" ({status['message']})"
+    evals = [(r["step"], r["eval/loss"]) for r in metrics if "eval/loss" in r]
+    eval_line = "none logged"
+    if evals:
+        eval_line = f"{_fmt(evals[-1][1])} at step {evals[-1][0]} ({_fmt(evals[0][1])} at step {evals[0][0]})"
+    happened = [(e["step"], f["kind"]) for e in events for f in e.get("firings") or [e]]
+    ckpts = run_dir / "checkpoints"
+    tags = sorted((p.name for p in ckpts.glob("*") if (p / MARKER).exists()), key=lambda t: (tag_step(t), t))
+    latest = (ckpts / "latest").read_text().strip() if (ckpts / "latest").exists() else None
+    tags = [f"{t} (latest)" if t == latest else t for t in tags]
+    shown = _shown(run_dir)
+    return "\n".join(
+        [
+            f"== the run {ended} (exit code {status.get('exit_code')})",
+            f"   final eval loss: {eval_line}",
+            f"   events ({shown}/events.jsonl): {spike_kinds(happened) or 'none'}",
+            f"   checkpoints ({shown}/checkpoints): {', '.join(tags) or 'none'}",
+            f"   run directory: {shown}",
+            f"   its report: python {_shown(ROOT / 'scripts' / 'compare.py')} {shown}"
+            f"  -> {shown}/report/report.html",
+        ]
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def _shown(path: Path) -> str:
+    """A path as a user would type it here: relative to the working directory when below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

@@ -1,10 +1,11 @@
 """Train the same model on the same seed and data in fp16 and in bf16, then compare them.
 
-    python scripts/fp16_vs_bf16.py --preset fp16-collapse
+    python scripts/fp16_vs_bf16.py --preset fp16-collapse --set utils.run_name=first
 
 Both runs go through the DeepSpeed launcher, one after the other, with identical settings but the
-ds_config (``ds_configs/zero<stage>_fp16.json`` and ``..._bf16.json``). The report lands in
-``<output_dir>/<name>-report/`` and, when wandb is on, in a wandb run of its own.
+ds_config (``ds_configs/zero<stage>_fp16.json`` and ``..._bf16.json``), as ``<name>-fp16`` and
+``<name>-bf16`` in one wandb group. The report lands in ``<output_dir>/<name>-report/`` and, when
+wandb is on, in a wandb run of its own in the same group.
 """
 
 import argparse
@@ -17,27 +18,69 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from dsinstab.cli import EXIT_CODES, find_path, presets_help  # noqa: E402
 from dsinstab.config import ConfigError, load_config  # noqa: E402
 from dsinstab.report import report_command  # noqa: E402
 
+EXAMPLES = """\
+examples:
+  # fp16 dies at its minimum loss scale, bf16 trains on; open runs/first-report/report.html
+  python scripts/fp16_vs_bf16.py --preset fp16-collapse --set utils.run_name=first
+  # the pair under ZeRO-3 on two ranks each, without wandb
+  python scripts/fp16_vs_bf16.py --preset fp16-collapse --zero 3 --num_gpus 2 --set utils.report_to=none
+
+Runs land in <utils.output_dir>/<name>-fp16, <name>-bf16 and <name>-report (default: runs/ below
+the working directory; <name> is utils.run_name or fp16-vs-bf16-<date>-<time>).
+"""
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=EXAMPLES + "\n" + presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--preset", default=None, metavar="NAME|PATH", help="a preset applied to both runs (default: none)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="overrides applied to both runs, e.g. --set utils.run_name=first trainer.max_steps=100",
+    )
+    p.add_argument(
+        "--config_dir",
+        default="configs",
+        metavar="DIR",
+        help="folder with the four YAML files, relative to the working directory or the checkout "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--zero",
+        type=int,
+        default=2,
+        choices=(0, 1, 2, 3),
+        help="ZeRO stage of both ds_configs (default: %(default)s)",
+    )
+    p.add_argument("--num_gpus", type=int, default=1, help="ranks per run (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace runs of the same names")
+    return p.parse_args()
+
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default=None, help="configs/presets/NAME.yaml applied to both runs")
-    p.add_argument(
-        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE"
-    )
-    p.add_argument("--config_dir", default=str(ROOT / "configs"))
-    p.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage of both ds_configs")
-    p.add_argument("--num_gpus", type=int, default=1, help="ranks per run")
-    p.add_argument("--overwrite", action="store_true", help="replace runs of the same names")
-    args = p.parse_args()
+    args = parse_args()
+    args.config_dir = str(find_path(args.config_dir))
     try:
         cfg = load_config(args.config_dir, args.overrides, args.preset)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     name = cfg.utils.run_name or f"fp16-vs-bf16-{time.strftime('%Y%m%d-%H%M%S')}"
+    group = cfg.utils.wandb_group or name  # both runs, and the report's, in one wandb group
     runs_dir = Path(cfg.utils.output_dir).expanduser()
     started = time.time()
     run_dirs = []
@@ -57,23 +100,26 @@ def main() -> int:
             "--set",
             *args.overrides,
             f"utils.run_name={run_name}",
+            f"utils.wandb_group={group}",
         ]
         print(f"== {precision}: {' '.join(cmd[1:])}", flush=True)
         code = subprocess.call(cmd)
         if code == 2:
             return 2  # bad input: the run already said why
-        print(f"== {precision} run ended with exit code {code}", flush=True)
+        print(
+            f"== {precision} run ended with exit code {code}: {EXIT_CODES.get(code, 'a crash')}", flush=True
+        )
         run_dirs.append(runs_dir / run_name)
     out = report_command(run_dirs, runs_dir / f"{name}-report")
     if out is None:
         return 2
-    print(f"both runs and the report took {time.time() - started:.0f}s")
+    print(f"== both runs and the report took {time.time() - started:.0f}s; open {out / 'report.html'}")
     if cfg.utils.report_to == "wandb":
-        log_to_wandb(out, cfg.utils.wandb_project, f"{name}-report")
+        log_to_wandb(out, cfg.utils.wandb_project, f"{name}-report", group)
     return 0
 
 
-def log_to_wandb(out: Path, project: str, name: str) -> None:
+def log_to_wandb(out: Path, project: str, name: str, group: str) -> None:
     import wandb
 
     from dsinstab.tracking import wandb_mode
@@ -81,6 +127,7 @@ def log_to_wandb(out: Path, project: str, name: str) -> None:
     run = wandb.init(
         project=project,
         name=name,
+        group=group,
         dir=str(out),
         mode=wandb_mode(),
         settings=wandb.Settings(init_timeout=60, console="off"),
