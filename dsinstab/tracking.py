@@ -137,7 +137,22 @@ def wandb_mode() -> str:
 
 
 class WandbSink(NullSink):
-    """wandb, with the run's files inside the run directory; events also go to a table."""
+    """wandb, with the run's files inside the run directory; events as a table in the run summary.
+
+    wandb keeps one history row per step and drops a step lower than the newest it has, so the
+    steps a rollback or a resume logs again must rewind the wandb run as they rewind
+    ``metrics.jsonl``. ``rewind(k)`` uses wandb's own rewind: it finishes the current segment of
+    the run and starts the next with ``resume_from="<id>?_step=<k>"`` (the same run id). Online,
+    the server truncates the history after step k at once. Offline, every segment is a folder
+    ``wandb/offline-run-<time>-<id>`` whose run record holds the branch point; ``wandb sync`` of
+    the folders in time order replays the rewinds, so the synced history matches
+    ``metrics.jsonl`` (the server archives the rows it drops). wandb's rewind is a preview feature
+    of its cloud (not of self-managed servers): a server that refuses it, like one that cannot be
+    reached, leaves the rest of the run offline, with a warning.
+
+    The events table goes to the summary, not the history: the rollback event carries the spike's
+    step, and a history row at that step would make wandb drop the replayed steps below it.
+    """
 
     EVENT_COLUMNS = ("step", "kind", "value", "threshold", "baseline", "action")
 
@@ -145,44 +160,83 @@ class WandbSink(NullSink):
         import wandb
 
         self.wandb = wandb
-        id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if resume and id_file.exists() else uuid.uuid4().hex[:12]
+        group = config.get("utils", {}).get("wandb_group") or None
+        self.kwargs = dict(project=project, name=name, dir=str(run_dir), config=config, group=group)
+        self.mode = wandb_mode()
+        self.id_file = run_dir / "wandb_id"
+        self.run = None
+        self.events: list[dict] = []
+        self.has_run = resume and self.id_file.exists()  # a wandb run to rewind exists
+        self.run_id = self.id_file.read_text().strip() if self.has_run else uuid.uuid4().hex[:12]
+        if self.has_run and (run_dir / "events.jsonl").exists():
+            self.events = read_jsonl(run_dir / "events.jsonl")
+        if not resume:
+            self._start(rewind_to=None)
+        # resumed: the first segment starts at the rewind() to the checkpoint's step
+
+    def _start(self, rewind_to: int | None) -> None:
+        """Start a segment of the run: a new or resumed run, or with ``rewind_to`` wandb's rewind."""
         kwargs = dict(
-            project=project,
-            name=name,
-            id=run_id,
-            dir=str(run_dir),
-            config=config,
-            resume="allow",
-            settings=wandb.Settings(
+            self.kwargs,
+            id=self.run_id,
+            settings=self.wandb.Settings(
                 init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30)), console="off"
             ),
         )
-        mode = wandb_mode()
+        if rewind_to is None or not self.has_run:
+            kwargs["resume"] = "allow"
+        else:
+            kwargs["resume_from"] = f"{self.run_id}?_step={rewind_to}"
         try:
-            self.run = wandb.init(mode=mode, **kwargs)
+            self.run = self.wandb.init(mode=self.mode, **kwargs)
         except Exception as e:  # noqa: BLE001 - wandb unreachable or misconfigured: keep training
-            if mode == "offline":
+            if self.mode == "offline":
                 raise
             warnings.warn(
-                f"wandb could not start online ({type(e).__name__}); logging offline instead.", stacklevel=2
+                f"wandb could not start online ({type(e).__name__}); logging offline instead.", stacklevel=3
             )
-            wandb.teardown()  # the failed online run still holds its id in wandb's service
-            run_id = kwargs["id"] = uuid.uuid4().hex[:12]
-            self.run = wandb.init(mode="offline", **kwargs)
-        id_file.write_text(run_id)
-        self.rows: list[list] = []
+            self.wandb.teardown()  # the failed online run still holds its id in wandb's service
+            self.mode = "offline"  # and every later segment: no second wait on an unreachable server
+            self.run = self.wandb.init(mode="offline", **kwargs)
+        self.id_file.write_text(self.run_id)
+        self.has_run = True
+        if self.events:
+            self._summarize_events()
+
+    def _active(self):
+        if self.run is None:  # resumed, and logging before any rewind: continue the run as it is
+            self._start(rewind_to=None)
+        return self.run
 
     def log(self, step: int, metrics: dict) -> None:
-        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._active().log(numbers, step=step)
 
     def event(self, record: dict) -> None:
-        self.rows.append([json.dumps(json_safe(record.get(c))) for c in self.EVENT_COLUMNS])
-        table = self.wandb.Table(columns=list(self.EVENT_COLUMNS), data=self.rows)
-        self.run.log({"spike/events": table}, step=record.get("step"))
+        self._active()
+        self.events.append(record)
+        self._summarize_events()
+
+    def _summarize_events(self) -> None:
+        rows = [[json.dumps(json_safe(e.get(c))) for c in self.EVENT_COLUMNS] for e in self.events]
+        self.run.summary["spike/events"] = self.wandb.Table(columns=list(self.EVENT_COLUMNS), data=rows)
+
+    def rewind(self, step: int, events: bool, spill: Path | None = None) -> None:
+        """Rewind the wandb run to ``step`` (the kept events stay in the table; with ``events``,
+        those after ``step`` leave it). wandb keeps what it drops itself: ``spill`` is not used."""
+        if events:
+            self.events = [e for e in self.events if e.get("step", 0) <= step]
+        if self.run is not None:
+            self.run.finish()
+        self._start(rewind_to=step)
 
     def close(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()
+        # finish() can return before wandb's service has written the run's last records (offline,
+        # the .wandb file); teardown waits for it. scripts/train.py then leaves by os._exit, which
+        # would skip wandb's own teardown at exit.
+        self.wandb.teardown()
 
 
 class FanOut(NullSink):
