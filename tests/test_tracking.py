@@ -58,8 +58,9 @@ def wandb_records(path: Path):
 
 
 def wandb_segments(run_dir: Path) -> list[dict]:
-    """Each offline segment of the run, in the order it started: its run record, history rows
-    (step -> {key: value}, wandb's own ``_`` keys left out) and last summary values."""
+    """Each offline segment of the run, in the order it started (the order in which ``wandb sync``
+    uploads the segments of one run): its run record, history rows (step -> {key: value},
+    wandb's own ``_`` keys left out) and last summary values."""
     segments = []
     for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb"):
         seg = {"path": path, "run": None, "rows": {}, "summary": {}}
