@@ -136,7 +136,7 @@ class DatasetConfig:
     path: str = param("", "local: file, folder or glob (.txt/.jsonl/.json/.parquet); disk: saved dataset")
     text_field: str = param("text", "column holding the text")
     tokenizer: str = param("bpe", "bpe (trained here), bytes, or a name/path for AutoTokenizer")
-    vocab_size: int = param(4096, "vocabulary size (bpe: trained to it; others: must match)", ge=2)
+    vocab_size: int = param(4096, "vocabulary size (bpe: trained to it; others: at least the tokenizer's, e.g. padded to a multiple of 64)", ge=2)
     val_fraction: float = param(0.02, "share of documents held out for validation", gt=0, le=0.5)
     max_chars: int = param(0, "use at most this many characters of the corpus (0 = all)", ge=0)
     num_proc: int = param(1, "processes for tokenization", ge=1)
