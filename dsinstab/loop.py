@@ -138,6 +138,7 @@ def train(run: Run) -> int:
 def _train(run: Run) -> int:
     t = run.cfg.trainer
     ctx = lowp.compute_context(run.engine, run.cfg.utils.cpu_compute, log=run.say)
+    run.plugins.bind(run)
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * run.world * run.cfg.model.seq_len
     bar = progress_bar(run)
     window_time, window_tokens = 0.0, 0
@@ -160,6 +161,8 @@ def _train(run: Run) -> int:
         loss = ce + z_loss
         overflow, scale = eng.overflowed(run.engine), eng.loss_scale(run.engine)
         firings, spike_metrics = run.monitor.observe(loss, grad_norm, overflow, scale)
+        for shift in run.monitor.pop_level_shifts():  # recorded, no action: its spike had one
+            run.sink.event(json_safe({"step": step, **firing_record(shift), "action": "none"}))
         diag_metrics = dict(sorted(run.plugins.collect().items()))
         metrics = {
             "train/loss": loss,

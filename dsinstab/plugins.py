@@ -20,6 +20,11 @@ class Plugin(Protocol):
 
     name: str
 
+    def bind(self, run) -> None:
+        """Once, when ``loop.train`` starts: the :class:`dsinstab.loop.Run`, for a plug-in that
+        writes events (``run.sink.event``, a null sink off rank 0) or reads the step's blocks
+        (``run.step_indices``). Optional: the loop calls it only where it is defined."""
+
     def begin_step(self, step: int) -> None:
         """Before the first micro batch of optimizer step ``step`` (counted from 1)."""
 
@@ -44,6 +49,9 @@ class PluginBase:
     """Hooks that do nothing: a plug-in subclasses this and overrides what it needs."""
 
     name = "plugin"
+
+    def bind(self, run) -> None:
+        pass
 
     def begin_step(self, step: int) -> None:
         pass
@@ -75,6 +83,11 @@ class Plugins:
         if len(set(names)) != len(names):
             raise ValueError(f"plug-in names must be unique, got {names}")
         self.plugins = list(plugins)
+
+    def bind(self, run) -> None:
+        for p in self.plugins:
+            if hasattr(p, "bind"):
+                p.bind(run)
 
     def begin_step(self, step: int) -> None:
         for p in self.plugins:

@@ -206,10 +206,12 @@ class SpikeMonitor:
         if bad_norm and not self.nonfinite[1]:
             firings.append(Firing("nonfinite_grad_norm", grad_norm))
         self.nonfinite = [bad_loss, bad_norm]
-        if not overflow:
-            for f in (self.loss.update(loss), self.grad.update(grad_norm)):
-                if f is not None:
-                    (self.level_shifts if f.kind == "level_shift" else firings).append(f)
+        # The loss of an overflowed step is a real forward pass of the current weights: a spike in
+        # it is the state's (often the very step after a bad update), so the loss detector sees it.
+        # Its grad norm is the loss scaler's inf and says nothing about the model.
+        for f in (self.loss.update(loss), None if overflow else self.grad.update(grad_norm)):
+            if f is not None:
+                (self.level_shifts if f.kind == "level_shift" else firings).append(f)
         if self.fp16:
             firings += self.scale.update(overflow, scale)
         self.fired += bool(firings)
