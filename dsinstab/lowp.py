@@ -1,0 +1,175 @@
+"""Low-precision compute on the CPU: bf16 and fp16 matmuls natively, or in fp32 rounded to the dtype.
+
+On a CPU without native kernels for a dtype, torch falls back to reference loops some 20-30x slower
+than fp32 GEMM (measured with torch 2.13 at 512x512: bf16 on an AVX2-only x86, fp16 on any x86
+without AVX512-FP16 or AMX-FP16, AVX-512 machines included). GPU tensor cores and flash attention multiply low-precision inputs, accumulate
+in fp32 and round the output to the dtype; doing the same here (upcast the inputs, which is exact,
+run the fp32 kernel, round the result) gives the values, overflows and loss-scale behaviour of
+low-precision training at fp32 speed.
+
+The path is chosen from what the CPU and torch's build report, never by timing, so every rank and
+every resume takes the same numerics: ``utils.cpu_compute`` is ``native``, ``fp32`` or ``auto``
+(fp32 wherever any rank lacks native kernels for the run's dtype). Nothing here runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from collections.abc import Callable
+
+import deepspeed.comm as dist
+import torch
+from deepspeed.accelerator import get_accelerator
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+aten = torch.ops.aten
+
+MODES = ("auto", "native", "fp32")
+
+# x86 flags of hardware that computes the dtype itself (without them oneDNN converts at best)
+_X86_NATIVE = {
+    torch.bfloat16: ("avx512_bf16", "amx_bf16"),
+    torch.float16: ("avx512_fp16", "amx_fp16"),
+}
+
+
+def cpu_features() -> dict[str, bool | str]:
+    """What decides the path: the CPU's flags for low-precision arithmetic, torch's vector ISA
+    (``ATEN_CPU_CAPABILITY`` lowers it) and oneDNN's bf16/fp16 support (``ONEDNN_MAX_CPU_ISA``
+    lowers it). For logs and benchmark headers."""
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    flags = ("avx2", "avx512_f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+    return {
+        "cpu": str(caps.get("cpu_name", platform.processor() or platform.machine())),
+        **{f: bool(caps.get(f, False)) for f in flags},
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_bf16": _onednn_supports(torch.bfloat16),
+        "onednn_fp16": _onednn_supports(torch.float16),
+    }
+
+
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def has_native_kernels(dtype: torch.dtype) -> bool:
+    """Whether this process's torch runs ``dtype`` matmuls and attention in fast native kernels.
+
+    All three must hold: oneDNN supports the dtype at its effective ISA (the matmuls), torch's own
+    vectorised kernels are above AVX2 (the CPU flash attention and its backward use them), and on
+    x86 the CPU has the dtype's arithmetic. AVX-512 without AVX512-BF16 only emulates bf16 in
+    oneDNN; fp32 compute is as fast there and rounds the same, so it counts as not native.
+    """
+    if not _onednn_supports(dtype):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True  # Arm: oneDNN's answer already reflects the CPU's bf16/fp16 extensions
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
+        return False
+    caps = getattr(torch.cpu, "get_capabilities", dict)()
+    return any(caps.get(flag, False) for flag in _X86_NATIVE[dtype])
+
+
+def use_fp32_compute(dtype: torch.dtype, mode: str = "auto") -> bool:
+    """This process's choice for ``dtype`` under ``utils.cpu_compute = mode`` (before the ranks agree)."""
+    if mode not in MODES:
+        raise ValueError(f"cpu_compute must be one of {', '.join(MODES)}, not {mode!r}")
+    if dtype not in _X86_NATIVE or mode == "native":
+        return False
+    return mode == "fp32" or not has_native_kernels(dtype)
+
+
+class LowPrecisionInFp32(TorchDispatchMode):
+    """Run ``dtype`` matmuls and attention in fp32 and round the results to ``dtype``.
+
+    Every input of ``dtype`` is upcast (exact) and every fp32 output is rounded to nearest, so a
+    result equals ``op(fp32 inputs).to(dtype)``: an fp16 result past 65504 is inf, a bf16 one stays
+    finite. Other ops (elementwise, norms, reductions) run natively: they are fast in both dtypes.
+    """
+
+    # op -> outputs that stay fp32: flash attention keeps its logsumexp in fp32, natively too
+    OPS = {
+        aten.mm.default: (),
+        aten.addmm.default: (),
+        aten._addmm_activation.default: (),
+        aten.bmm.default: (),
+        aten.baddbmm.default: (),
+        aten.addbmm.default: (),
+        aten.mv.default: (),
+        aten.addmv.default: (),
+        aten.dot.default: (),
+        aten._scaled_dot_product_flash_attention_for_cpu.default: (1,),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (),
+    }
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        if dtype not in _X86_NATIVE:
+            raise ValueError(f"LowPrecisionInFp32 takes torch.bfloat16 or torch.float16, not {dtype}")
+        self.dtype = dtype
+
+    def __repr__(self) -> str:
+        return f"LowPrecisionInFp32({self.dtype})"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        keep_fp32 = self.OPS.get(func)
+        if keep_fp32 is None or not any(isinstance(a, torch.Tensor) and a.dtype == self.dtype for a in args):
+            return func(*args, **kwargs)
+
+        def up(x):
+            return x.float() if isinstance(x, torch.Tensor) and x.dtype == self.dtype else x
+
+        out = func(*tree_map(up, args), **tree_map(up, kwargs))
+        if isinstance(out, torch.Tensor):
+            return out.to(self.dtype)
+        return type(out)(
+            o.to(self.dtype)
+            if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and i not in keep_fp32
+            else o
+            for i, o in enumerate(out)
+        )
+
+
+def engine_dtype(engine) -> torch.dtype:
+    """The dtype the engine trains in (its ds_config's bf16 or fp16 block, else fp32)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else torch.float32
+
+
+def compute_context(
+    engine, mode: str = "auto", log: Callable[[str], None] | None = None
+) -> contextlib.AbstractContextManager:
+    """The context for forward and backward (reusable): fp32 compute for the engine's dtype where
+    ``mode`` asks for it on the CPU, else a no-op. ``log`` receives one line naming the CPU path.
+
+    Under ``auto`` the ranks agree (all-reduce MIN): one rank without native kernels puts every
+    rank on fp32 compute, so all ranks share numerics and none crawls. Call it on every rank.
+    """
+    dtype = engine_dtype(engine)
+    fp32 = use_fp32_compute(dtype, mode)  # refuses a bad mode on every device
+    if get_accelerator().device_name() != "cpu" or dtype not in _X86_NATIVE:
+        return contextlib.nullcontext()
+    if mode == "auto" and dist.is_initialized() and dist.get_world_size() > 1:
+        native = torch.tensor([0 if fp32 else 1], device=engine.device)
+        dist.all_reduce(native, op=dist.ReduceOp.MIN)
+        fp32 = not bool(native.item())
+    ctx = LowPrecisionInFp32(dtype) if fp32 else contextlib.nullcontext()
+    if log is not None:
+        log(f"CPU compute ({mode}): {describe(ctx, dtype)}")
+    return ctx
+
+
+def describe(ctx: contextlib.AbstractContextManager, dtype: torch.dtype) -> str:
+    """How the CPU computes ``dtype`` matmuls and attention under ``ctx``, for the run log."""
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if isinstance(ctx, LowPrecisionInFp32):
+        return f"{name} matmuls and attention computed in fp32 and rounded to {name}"
+    return f"{name} matmuls and attention on torch's {name} kernels"

@@ -1,0 +1,168 @@
+"""Low-precision compute on the CPU (dsinstab.lowp): the fp32-compute emulation, the path choice, a run."""
+
+from __future__ import annotations
+
+import math
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import assert_ok, env, launch, train_rows
+from dsinstab.lowp import LowPrecisionInFp32, has_native_kernels, use_fp32_compute
+
+LOW = [torch.bfloat16, torch.float16]
+# mantissa bits: one rounding step at |x| is 2**(floor(log2|x|) - bits)
+MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+
+
+class Seen(TorchDispatchMode):
+    """Records each op with the dtypes of its tensor arguments, as the kernels receive them."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, set]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+        self.calls.append((func.overloadpacket.__name__, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+def emulated(fn, dtype):
+    """``fn()`` under the emulation, and what its kernels saw (entered first, so it sees them)."""
+    with Seen() as seen, LowPrecisionInFp32(dtype):
+        out = fn()
+    return out, seen.calls
+
+
+def tensors(dtype, seed=0) -> dict[str, torch.Tensor]:
+    """Positive operands: no cancellation, so the order of the sums moves the last bits only."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = dict(a=(16, 48), b=(48, 24), c=(16, 24), ba=(3, 16, 48), bb=(3, 48, 24), bc=(3, 16, 24), v=(48,))
+    return {k: torch.rand(*shape, generator=g).to(dtype) for k, shape in shapes.items()}
+
+
+OPS = {
+    "mm": lambda t: t["a"] @ t["b"],
+    "addmm": lambda t: torch.addmm(t["c"], t["a"], t["b"], beta=0.5, alpha=2.0),
+    "linear": lambda t: F.linear(t["a"], t["b"].t(), t["c"][0]),
+    "bmm": lambda t: t["ba"] @ t["bb"],
+    "baddbmm": lambda t: torch.baddbmm(t["bc"], t["ba"], t["bb"], beta=0.5, alpha=2.0),
+    "mv": lambda t: t["a"] @ t["v"],
+    "dot": lambda t: t["v"] @ t["v"],
+}
+KERNELS = {"mm", "addmm", "bmm", "baddbmm", "mv", "dot"}
+
+
+def test_fp16_overflow_is_inf_where_bf16_stays_finite():
+    a, b = torch.full((2, 4), 200.0), torch.full((4, 3), 100.0)  # exact result 80000 > 65504
+    half, _ = emulated(lambda: a.half() @ b.half(), torch.float16)
+    bf16, _ = emulated(lambda: a.bfloat16() @ b.bfloat16(), torch.bfloat16)
+    assert half.dtype == torch.float16 and torch.isinf(half).all()
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    assert bf16[0, 0].item() == torch.tensor(80000.0).bfloat16().item()
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_emulated_results_are_the_rounded_fp32_results(dtype):
+    t = tensors(dtype)
+    up = {k: v.float() for k, v in t.items()}
+    for name, op in OPS.items():
+        out, calls = emulated(lambda: op(t), dtype)  # noqa: B023 (called at once)
+        assert out.dtype == dtype, name
+        assert torch.equal(out, op(up).to(dtype)), name  # bit-exact
+        kernels = [d for n, d in calls if n in KERNELS]
+        assert kernels and all(d == {torch.float32} for d in kernels), (name, calls)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_native_kernels_agree_with_emulation_within_one_rounding_step(dtype):
+    if not has_native_kernels(dtype):
+        pytest.skip(f"this CPU has no native {dtype} kernels to compare with")
+    t = tensors(dtype, seed=1)
+    for name, op in OPS.items():
+        native, (emu, _) = op(t), emulated(lambda: op(t), dtype)  # noqa: B023
+        big = torch.maximum(native.float().abs(), emu.float().abs())
+        step = torch.exp2(torch.floor(torch.log2(big)) - MANTISSA[dtype])
+        assert ((native.float() - emu.float()).abs() <= step).all(), name
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=["bf16", "fp16"])
+def test_attention_forward_and_backward_run_in_fp32_close_to_the_fp32_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, 4, 32, 16, generator=g) for _ in range(4))
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    ref = [t.to(dtype).float().requires_grad_() for t in (q, k, v)]
+
+    def attend(q, k, v, grad):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(grad)
+        return out.detach()
+
+    out, calls = emulated(lambda: attend(*low, grad.to(dtype)), dtype)
+    expected = attend(*ref, grad.to(dtype).float())
+    assert out.dtype == dtype and torch.equal(out, expected.to(dtype))  # the forward, bit-exact
+    for t, r in zip(low, ref):
+        assert t.grad.dtype == dtype
+        torch.testing.assert_close(t.grad.float(), r.grad, rtol=0.02, atol=0.02 * r.grad.abs().max().item())
+    flash = {n: d for n, d in calls if "flash_attention" in n}
+    assert set(flash) == {
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    }
+    assert all(d == {torch.float32} for d in flash.values())
+    # as in flash attention, the logsumexp stays fp32 while the output is rounded
+    with LowPrecisionInFp32(dtype):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*(t.detach() for t in low))
+    assert (o.dtype, lse.dtype) == (dtype, torch.float32)
+
+
+def test_the_path_follows_utils_cpu_compute():
+    for dtype in LOW:
+        assert use_fp32_compute(dtype, "fp32") and not use_fp32_compute(dtype, "native")
+        assert use_fp32_compute(dtype, "auto") == (not has_native_kernels(dtype))
+        assert not use_fp32_compute(torch.float32, "fp32")  # fp32 runs have nothing to emulate
+    with pytest.raises(ValueError, match="cpu_compute"):
+        use_fp32_compute(torch.bfloat16, "fast")
+
+
+def uncapped_env() -> dict:
+    return {k: v for k, v in env().items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 ISA settings")
+@pytest.mark.parametrize("env", ["ATEN_CPU_CAPABILITY=avx2", "ONEDNN_MAX_CPU_ISA=AVX2"])
+def test_auto_takes_fp32_compute_when_the_isa_is_capped_at_avx2(env):
+    """Either setting alone leaves torch without fast bf16 kernels (SDPA, or the matmuls)."""
+    code = "import torch; from dsinstab.lowp import use_fp32_compute as f; print(f(torch.bfloat16, 'auto'))"
+    name, value = env.split("=")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**uncapped_env(), name: value},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_bf16_run_in_fp32_compute_matches_native_kernels(tmp_path, cache_dir):
+    """Both paths multiply bf16 inputs with fp32 accumulation and round to bf16; only the order of
+    the sums differs, so the first losses agree to well under one bf16 step (2**-8 relative)."""
+    short = ("trainer.max_steps=4", "trainer.eval_every=100", "trainer.checkpoint_every=0")
+    runs, said = {}, {}
+    for mode in ("fp32", "native"):
+        proc, run = launch(tmp_path, cache_dir, *short, f"utils.cpu_compute={mode}", name=mode)
+        assert_ok(proc)
+        runs[mode], said[mode] = [r["train/loss"] for r in train_rows(run)], proc.stdout
+    assert "bf16 matmuls and attention computed in fp32 and rounded to bf16" in said["fp32"]
+    assert "bf16 matmuls and attention on torch's bf16 kernels" in said["native"]
+    assert len(runs["fp32"]) == len(runs["native"]) == 4
+    for emu, native in zip(runs["fp32"], runs["native"]):
+        assert math.isfinite(emu) and abs(emu - native) <= 2e-3 * native
