@@ -274,3 +274,83 @@ def grads_norm(model: torch.nn.Module) -> float:
 
 def current_lr(engine) -> float:
     return float(engine.get_lr()[0])
+
+
+def correct_deepspeed_faults(engine) -> None:
+    """Correct, on this engine instance, three faults of DeepSpeed 0.19.8 that change what a step
+    applies or reports; idempotent. tests/test_numerics.py shows each fault and fails once a
+    DeepSpeed release fixes one, so that its correction is dropped rather than applied twice.
+
+    - Without ZeRO, the fp16/bf16 optimizer (``FP16_UnfusedOptimizer``) runs a real AdamW step on
+      zero gradients when it is built: the fp32 master weights get one weight decay at the peak lr
+      and Adam's step counter starts at 1, so the first updates use the wrong bias correction
+      (about 0.73x the first update). The masters and the counters are put back.
+    - Without ZeRO, ``engine.backward`` never multiplies the loss by the fp16 loss scale, yet the
+      optimizer divides the gradients by it: updates ~65536x too small (Adam's epsilon then
+      dominates them) and no overflow is ever seen (deepspeedai/DeepSpeed#8393, open). The loss is
+      scaled here as the ZeRO path scales it, and the norm measured on the scaled gradients is
+      divided back.
+    - Every fp16 optimizer (ZeRO-0 to 3) updates the dynamic scale before it unscales the
+      gradients, so on a step where the scale grows they are divided by twice the scale they were
+      multiplied with: half the update, and ZeRO-3 also reports half the grad norm. The grown scale
+      takes effect when ``step`` returns instead; overflows are left as they are (their gradients
+      are dropped).
+    """
+    opt = engine.optimizer
+    if getattr(opt, "_dsinstab_corrected", False):
+        return
+    opt._dsinstab_corrected = True
+    if not engine.zero_optimization() and hasattr(opt, "fp32_groups"):
+        _undo_init_step(opt)
+    if engine.fp16_enabled():
+        _grow_scale_after_unscaling(opt, unscaled_backward=not engine.zero_optimization())
+        if not engine.zero_optimization():
+            _scale_loss_in_backward(engine)
+
+
+@torch.no_grad()
+def _undo_init_step(opt) -> None:
+    # The masters were cloned from the model's weights just before that step, and the moments it
+    # wrote are zeros (its gradients were zeros).
+    for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
+        for lp, hp in zip(lp_group, hp_group):
+            hp.copy_(lp)
+            step = opt.optimizer.state.get(hp, {}).get("step")
+            if torch.is_tensor(step):
+                step.zero_()
+
+
+def _grow_scale_after_unscaling(opt, unscaled_backward: bool) -> None:
+    # where cur_scale lives: the DynamicLossScaler (ZeRO) or the LossScaleConfig (no ZeRO)
+    scaler = getattr(opt, "loss_scaler", None) or opt.loss_scale_config
+    update_scale, step, grown = opt._update_scale, opt.step, []
+
+    def update_scale_after_step(overflow=False):
+        if overflow:
+            return update_scale(overflow)
+        held = scaler.cur_scale
+        update_scale(False)
+        grown.append(scaler.cur_scale)
+        scaler.cur_scale = held  # until step() has unscaled with the scale the gradients carry
+
+    def step_then_grow(*args, **kwargs):
+        used = scaler.cur_scale
+        try:
+            return step(*args, **kwargs)
+        finally:
+            if unscaled_backward and not opt.overflow:
+                opt._global_grad_norm = opt._global_grad_norm / used  # measured on scaled gradients
+            if grown:
+                scaler.cur_scale = grown.pop()
+
+    opt._update_scale, opt.step = update_scale_after_step, step_then_grow
+
+
+def _scale_loss_in_backward(engine) -> None:
+    backward, scaler = engine.backward, engine.optimizer.loss_scale_config
+
+    def scaled_backward(loss, *args, **kwargs):
+        scale = scaler.cur_scale
+        return backward(loss.float() * scale, *args, **kwargs) / scale
+
+    engine.backward = scaled_backward
