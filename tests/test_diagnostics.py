@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import types
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import assert_ok, ds_config, launch, train_rows
 from dsinstab.config import ModelConfig
-from dsinstab.diagnostics import AttentionLogitProbe, OutputLogitProbe
+from dsinstab.diagnostics import AttentionLogitProbe, OutputLogitProbe, reduce_readings
 from dsinstab.model import build_model
 
 TINY = dict(n_layer=2, d_model=64, n_head=4, seq_len=16)
@@ -19,34 +18,42 @@ TINY = dict(n_layer=2, d_model=64, n_head=4, seq_len=16)
 
 def test_attention_probe_matches_an_explicit_causal_q_kT():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 16, 8) * 3 for _ in range(3))
+    q, k = (torch.randn(2, 4, 16, 8) * 3 for _ in range(2))
     # make a future position hold the largest logit: the causal mask must hide it
     k[:, :, -1] = q[:, :, 0] * 10
-    module = types.SimpleNamespace(layer_idx=3, is_causal=True, num_key_value_groups=1, training=False)
     probe = AttentionLogitProbe()
-    probe.active = True
-    out, _ = probe.attention(module, q, k, v, None, scaling=8**-0.5)
+    probe.record(3, q, k, scaling=8**-0.5)
     scores = q @ k.transpose(-1, -2) / math.sqrt(8)
     causal = torch.ones(16, 16, dtype=torch.bool).tril()
-    assert probe.maxima[3] == pytest.approx(float(scores.masked_fill(~causal, -math.inf).amax()), rel=1e-5)
-    assert probe.maxima[3] < float(scores.amax())  # the unmasked maximum is in the future
-    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
-    assert torch.allclose(out, ref, atol=1e-5)
+    expected = float(scores.masked_fill(~causal, -math.inf).amax())
+    assert float(probe.maxima[3]) == pytest.approx(expected, rel=1e-5)
+    assert expected < float(scores.amax())  # the unmasked maximum is in the future
+    assert reduce_readings(probe.readings()) == {
+        "diag/attn_logit_max/layer_3": pytest.approx(expected, rel=1e-5)
+    }
+    assert probe.maxima == {}
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
-def test_the_probe_attention_changes_nothing_and_records_every_layer(arch):
-    model = build_model(ModelConfig(arch=arch, **TINY), vocab_size=100, eos_id=99, seed=0).eval()
+def test_the_probe_wraps_the_models_own_attention_and_changes_nothing(arch, attn):
+    def tiny():
+        mc = ModelConfig(arch=arch, attn_implementation=attn, **TINY)
+        return build_model(mc, vocab_size=100, eos_id=99, seed=0).eval()
+
     x = torch.randint(0, 100, (2, 16))
-    ref = model(input_ids=x).logits
-    probe = AttentionLogitProbe()
+    ref = tiny()(input_ids=x).logits
+    model, other = tiny(), tiny()
+    probe, others = AttentionLogitProbe(), AttentionLogitProbe()
     probe.attach(model)
+    others.attach(other)  # a second model in the process keeps its own probe
+    assert model.config._attn_implementation == f"dsinstab_probe_{attn}"
     probe.active = True
-    assert torch.allclose(model(input_ids=x).logits, ref, atol=1e-5)
-    assert sorted(probe.maxima) == [0, 1]
+    assert torch.equal(model(input_ids=x).logits, ref)
+    assert sorted(probe.maxima) == [0, 1] and others.maxima == {}
     probe.active = False
     model(input_ids=x)
-    assert probe.collect() and probe.maxima == {}
+    assert probe.readings() and probe.maxima == {}
 
 
 def test_log_z_matches_logsumexp():
@@ -54,7 +61,7 @@ def test_log_z_matches_logsumexp():
     probe = OutputLogitProbe()
     probe.active = True
     probe.observe(logits)
-    out = probe.collect()
+    out = reduce_readings(probe.readings())
     assert out["diag/log_z"] == pytest.approx(float(torch.logsumexp(logits, -1).mean()), rel=1e-6)
     assert out["diag/out_logit_max"] == pytest.approx(float(logits.max()))
     assert out["diag/out_logit_mean"] == pytest.approx(float(logits.mean()), abs=1e-6)
