@@ -346,7 +346,9 @@ class AdamProbe:
 
 
 class Diagnostics:
-    """The probes of a run, switched on for probe steps only."""
+    """The probes of a run, switched on for probe steps only: a plug-in (dsinstab/plugins.py)."""
+
+    name = "diagnostics"
 
     def __init__(self, cfg: DiagnosticsConfig, model, engine, eps: float, beta2: float):
         self.every = cfg.every

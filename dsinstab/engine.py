@@ -16,13 +16,9 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 from filelock import FileLock
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from dsinstab.config import TrainerConfig, precision
-
-aten = torch.ops.aten
 
 
 def param_groups(model: torch.nn.Module, tc: TrainerConfig) -> list[dict]:
@@ -135,8 +131,9 @@ def unlink_shm_segment(rank: int) -> None:
     Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
-def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict):
-    """The DeepSpeed engine, with torch's AdamW and transformers' warmup + cosine schedule.
+def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict, correct_faults: bool = True):
+    """The DeepSpeed engine, with torch's AdamW and transformers' warmup + cosine schedule, and
+    DeepSpeed 0.19.8's faults corrected (:func:`correct_deepspeed_faults`; ``False`` shows them).
 
     The engine steps the schedule only on applied steps, so an fp16 overflow does not advance it.
     """
@@ -158,11 +155,13 @@ def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
     )
+    if correct_faults:
+        correct_deepspeed_faults(engine)
     return engine
 
 
 # ---------------------------------------------------------------------------------------------
-# fp16 on CPUs without native fp16 arithmetic
+# fp16 on CPUs without native fp16 arithmetic (dsinstab.lowp computes it in fp32 there)
 
 
 def allow_cpu_fp16() -> None:
@@ -171,59 +170,6 @@ def allow_cpu_fp16() -> None:
     acc = get_accelerator()
     if acc.device_name() == "cpu" and not acc.is_fp16_supported():
         acc.is_fp16_supported = lambda: True
-
-
-def cpu_needs_fp32_compute() -> bool:
-    try:
-        return not torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    except (AttributeError, RuntimeError):
-        return True
-
-
-class Fp16ComputeInFp32(TorchDispatchMode):
-    """Run fp16 matmuls and attention in fp32 and round the results to fp16.
-
-    On a CPU without native fp16, torch's fp16 GEMM is a reference loop some 500x slower than bf16.
-    Accumulating in fp32 and rounding the output to fp16 is what GPU tensor cores and flash
-    attention do, so values, overflows (anything past 65504 becomes inf) and loss scaling behave
-    as in GPU fp16 training, at fp32 speed.
-    """
-
-    _OPS = {
-        aten.mm.default: (),
-        aten.addmm.default: (),
-        aten.bmm.default: (),
-        aten.baddbmm.default: (),
-        # (output, logsumexp): flash attention keeps its logsumexp in fp32, so do we
-        aten._scaled_dot_product_flash_attention_for_cpu.default: (1,),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (),
-    }
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        keep_fp32 = self._OPS.get(func)
-        if keep_fp32 is None or not any(
-            isinstance(a, torch.Tensor) and a.dtype == torch.float16 for a in args
-        ):
-            return func(*args, **kwargs)
-
-        def up(x):
-            return x.float() if isinstance(x, torch.Tensor) and x.dtype == torch.float16 else x
-
-        out = func(*tree_map(up, args), **tree_map(up, kwargs))
-        if isinstance(out, torch.Tensor):
-            return out.half()
-        return type(out)(
-            o if i in keep_fp32 or not isinstance(o, torch.Tensor) or o.dtype != torch.float32 else o.half()
-            for i, o in enumerate(out)
-        )
-
-
-def compute_context(engine) -> contextlib.AbstractContextManager:
-    """The context for forward and backward: fp32 compute for fp16 on CPUs that lack it."""
-    if engine.fp16_enabled() and get_accelerator().device_name() == "cpu" and cpu_needs_fp32_compute():
-        return Fp16ComputeInFp32()
-    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,9 +62,7 @@ class Tiny:
         self.cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, self.cfg, 1)
         t, vocab = self.cfg.trainer, self.cfg.dataset.vocab_size
         self.model = build_model(self.cfg.model, vocab, vocab - 1, t.seed)
-        self.engine = eng.build_engine(self.model, t, self.cfg.ds_config)
-        if corrected:
-            eng.correct_deepspeed_faults(self.engine)
+        self.engine = eng.build_engine(self.model, t, self.cfg.ds_config, correct_faults=corrected)
         t.diagnostics.every = 1 if probes else 0
         self.diag = Diagnostics(t.diagnostics, self.model, self.engine, t.adam_eps, t.adam_beta2)
         self.ctx = compute_context(self.engine)
