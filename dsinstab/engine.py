@@ -67,6 +67,10 @@ def init_distributed(log: Callable[[str], None]) -> tuple[int, int]:
     cpu = get_accelerator().device_name() == "cpu"
     if cpu:
         load_shm_comm_op(log)
+    else:
+        # before any collective: NCCL's object broadcasts (run name, resume tag) use the current
+        # device, which would be cuda:0 on every rank of a node until the engine sets it
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     deepspeed.init_distributed(verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if cpu:
