@@ -13,8 +13,8 @@
 #   scripts/gpu_check.sh --make-wheels DIR [--python-version X.Y] [--exclude NAME,NAME]
 #       Here, with network: fills DIR. DeepSpeed is built into a pure-Python wheel by this Python
 #       (which must have torch: the project's venv); everything else is downloaded as binary
-#       wheels: the packages that the project's requirements need and torch + transformers do not
-#       bring, at the versions pip resolves here, for this Python or for X.Y (the lent H200's is
+#       wheels: the packages that the project's requirements and transformers need and torch does
+#       not bring, at the versions pip resolves here, for this Python or for X.Y (the lent H200's is
 #       3.12). --exclude leaves out packages the GPU machine already has (to keep DIR small).
 #
 # Time limits of the two steps (seconds): GPU_CHECK_TESTS_S (default 420), GPU_CHECK_BENCH_S (150).
@@ -56,20 +56,22 @@ make_wheels() {
     torch_v=$("$PY" -c "import torch; print(torch.__version__)")
     transformers_v=$("$PY" -c "import transformers; print(transformers.__version__)")
     mapfile -t reqs < <(requirements)
-    # Everything the requirements need, less everything torch + transformers need (both with this
-    # Python's torch and transformers, so that neither side pulls another torch build): resolved
-    # by pip (metadata only), the deepspeed wheel just built taking the place of its source release.
+    # Everything the requirements and transformers need, less torch and what it needs (both with
+    # this Python's torch, so that neither side pulls another torch build): resolved by pip
+    # (metadata only), the deepspeed wheel just built taking the place of its source release.
+    # transformers' own needs stay in: a GPU machine's older transformers may not bring them all
+    # (the lent H200's brings no pydantic, which deepspeed and wandb need).
     "$PY" -m pip install -q --dry-run --ignore-installed --find-links "$dir" --report "$tmp/all.json" \
         "${reqs[@]}" "deepspeed==$DEEPSPEED_VERSION" "torch==${torch_v%%+*}" "transformers==$transformers_v"
-    "$PY" -m pip install -q --dry-run --ignore-installed --report "$tmp/base.json" \
-        "torch==${torch_v%%+*}" "transformers==$transformers_v"
+    "$PY" -m pip install -q --dry-run --ignore-installed --report "$tmp/base.json" "torch==${torch_v%%+*}"
     mapfile -t pins < <("$PY" - "$tmp/all.json" "$tmp/base.json" "$exclude" <<'EOF'
 import json, re, sys
 def names(path):
     return {i["metadata"]["name"].lower().replace("_", "-").replace(".", "-"): i["metadata"]["version"]
             for i in json.load(open(path))["install"]}
 need, base = names(sys.argv[1]), names(sys.argv[2])
-skip = {n.strip().lower().replace("_", "-").replace(".", "-") for n in sys.argv[3].split(",") if n.strip()} | {"deepspeed"}
+skip = {n.strip().lower().replace("_", "-").replace(".", "-") for n in sys.argv[3].split(",") if n.strip()}
+skip |= {"deepspeed", "transformers", "tokenizers"}  # built above; the machine's own
 for name, version in sorted(need.items()):
     if name not in base and name not in skip:
         print(f"{name}=={version}")
