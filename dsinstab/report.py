@@ -180,11 +180,12 @@ def _value(v) -> float | None:
         return None
 
 
-def _mark_events(ax, run: RunData, color: str, key: str) -> None:
+def _mark_events(ax, run: RunData, color: str, key: str, size: float = 9) -> None:
     """Spikes as triangles, rollbacks as diamonds, on the run's own curve. Where the curve has no
     finite value at the event's step (an inf or nan loss), the marker sits on the top edge of the
-    axes, labelled with the value."""
+    axes, labelled with the value where it changes (one "nan" for a run of them)."""
     at = dict(zip(*run.series(key)))
+    last_label = None
     for e in run.events:
         step = e.get("step")
         if e.get("kind") != "rollback" and not e.get("firings"):
@@ -195,7 +196,7 @@ def _mark_events(ax, run: RunData, color: str, key: str) -> None:
         style = dict(
             marker="D" if e["kind"] == "rollback" else "^",
             color=color,
-            markersize=9,
+            markersize=size,
             markeredgecolor="black",
             zorder=5,
         )
@@ -203,8 +204,12 @@ def _mark_events(ax, run: RunData, color: str, key: str) -> None:
             ax.plot([step], [y], **style)
         else:
             ax.plot([step], [1.0], transform=ax.get_xaxis_transform(), clip_on=False, **style)
+            label = "nan" if y is None or math.isnan(y) else "inf"
+            if label == last_label:
+                continue
+            last_label = label
             ax.annotate(
-                "nan" if y is None or math.isnan(y) else "inf",
+                label,
                 (step, 1.0),
                 xycoords=ax.get_xaxis_transform(),
                 xytext=(6, -10),
@@ -215,12 +220,12 @@ def _mark_events(ax, run: RunData, color: str, key: str) -> None:
 
 
 def _draw_losses(ax, runs: list[RunData]) -> None:
-    for run, color in zip(runs, COLORS):
+    for i, (run, color) in enumerate(zip(runs, COLORS)):
         steps, loss = run.series("train/loss")
         ax.plot(steps, loss, color=color, lw=1, alpha=0.8, label=f"{run.label} train")
         es, ev = run.series("eval/loss")
         ax.plot(es, ev, color=color, lw=2, ls="--", marker="o", markersize=3, label=f"{run.label} eval")
-        _mark_events(ax, run, color, "train/loss")
+        _mark_events(ax, run, color, "train/loss", size=max(10 - 2.5 * i, 5))  # later runs' inside
         if run.status.get("state") in ("min_loss_scale", "stopped", "checkpoint_failed"):
             ax.axvline(
                 run.end_step,
@@ -255,11 +260,11 @@ def plot_overview(runs: list[RunData], out: Path) -> Path | None:
 
 def plot_grad_norm(runs: list[RunData], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4))
-    for run, color in zip(runs, COLORS):
+    for i, (run, color) in enumerate(zip(runs, COLORS)):
         steps, gn = run.series("train/grad_norm")
         pts = [(s, g) for s, g in zip(steps, gn) if math.isfinite(g) and g > 0]
         ax.plot([s for s, _ in pts], [g for _, g in pts], color=color, lw=1, label=run.label)
-        _mark_events(ax, run, color, "train/grad_norm")
+        _mark_events(ax, run, color, "train/grad_norm", size=max(10 - 2.5 * i, 5))
     ax.set_yscale("log")
     ax.set(xlabel="step", ylabel="global grad norm (before clipping)", title="Gradient norm")
     ax.grid(alpha=0.3, which="both")
@@ -437,8 +442,12 @@ def describe(run: RunData, row: dict) -> str:
 
 
 def _guide_link(out: Path) -> str:
-    """The path of docs/reading-the-report.md as seen from the report folder."""
-    return os.path.relpath(GUIDE, out.resolve()) if GUIDE.exists() else GUIDE.name
+    """docs/reading-the-report.md as seen from the report folder: relative inside the checkout (the
+    link survives moving the checkout), else its absolute path."""
+    if not GUIDE.exists():
+        return GUIDE.name
+    out = out.resolve()
+    return os.path.relpath(GUIDE, out) if out.is_relative_to(ROOT) else str(GUIDE)
 
 
 def _markdown(rows, story, notes, plots, guide) -> str:

@@ -39,6 +39,7 @@ def _assert_refused(proc, out, message):
         (("model.arch=mamba",), "model.arch must be one of gpt2, llama, qwen3"),
         (("trainer.lrr=1",), "unknown key trainer.lrr (did you mean trainer.lr?)"),
         (("dataset.source=local", "dataset.path=/no/such/*.txt"), "dataset.path '/no/such/*.txt' matches no"),
+        (("dataset.source=hub",), "dataset.name must name a hub dataset when dataset.source is hub"),
         (
             ("dataset.tokenizer=bytes", "dataset.vocab_size=100"),
             "dataset.vocab_size is 100 but tokenizer 'bytes' has 257",
