@@ -139,7 +139,8 @@ class DatasetConfig:
     vocab_size: int = param(4096, "vocabulary size (bpe: trained to it; others: at least the tokenizer's, e.g. padded to a multiple of 64)", ge=2)
     val_fraction: float = param(0.02, "share of documents held out for validation", gt=0, le=0.5)
     max_chars: int = param(0, "use at most this many characters of the corpus (0 = all)", ge=0)
-    num_proc: int = param(1, "processes for tokenization", ge=1)
+    num_proc: int = param(1, "processes for tokenization (at most one per source file or shard)", ge=1)
+    streaming: bool = param(False, "hub: read the dataset as it downloads, without caching all of it first")
 
 
 @dataclass
