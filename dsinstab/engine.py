@@ -271,36 +271,41 @@ def _undo_init_step(opt) -> None:
 
 
 def _grow_scale_after_unscaling(opt, unscaled_backward: bool) -> None:
-    # where cur_scale lives: the DynamicLossScaler (ZeRO) or the LossScaleConfig (no ZeRO)
-    scaler = getattr(opt, "loss_scaler", None) or opt.loss_scale_config
     update_scale, step, grown = opt._update_scale, opt.step, []
 
     def update_scale_after_step(overflow=False):
         if overflow:
             return update_scale(overflow)
+        scaler = _scaler(opt)
         held = scaler.cur_scale
         update_scale(False)
         grown.append(scaler.cur_scale)
         scaler.cur_scale = held  # until step() has unscaled with the scale the gradients carry
 
     def step_then_grow(*args, **kwargs):
-        used = scaler.cur_scale
+        used = _scaler(opt).cur_scale
         try:
             return step(*args, **kwargs)
         finally:
             if unscaled_backward and not opt.overflow:
                 opt._global_grad_norm = opt._global_grad_norm / used  # measured on scaled gradients
             if grown:
-                scaler.cur_scale = grown.pop()
+                _scaler(opt).cur_scale = grown.pop()
 
     opt._update_scale, opt.step = update_scale_after_step, step_then_grow
 
 
+def _scaler(opt):
+    """Where ``cur_scale`` lives now: the DynamicLossScaler (ZeRO) or the LossScaleConfig (no ZeRO).
+    Looked up on every use: ``load_checkpoint`` replaces the ZeRO optimizers' scaler object."""
+    return getattr(opt, "loss_scaler", None) or opt.loss_scale_config
+
+
 def _scale_loss_in_backward(engine) -> None:
-    backward, scaler = engine.backward, engine.optimizer.loss_scale_config
+    backward = engine.backward
 
     def scaled_backward(loss, *args, **kwargs):
-        scale = scaler.cur_scale
+        scale = _scaler(engine.optimizer).cur_scale
         return backward(loss.float() * scale, *args, **kwargs) / scale
 
     engine.backward = scaled_backward

@@ -215,10 +215,11 @@ def precision_metrics(engine, scale: float | None) -> dict:
 def reduce_step(run: Run, losses: torch.Tensor) -> tuple[list[float], bool]:
     """Mean losses over ranks, and whether any rank was asked to stop: one collective, and the
     step's one host sync."""
-    buf = torch.cat([losses.float(), torch.tensor([float(run.stop_requested)], device=losses.device)])
+    buf = torch.cat([losses.float(), losses.new_full((1,), float(run.stop_requested))])
     if run.world > 1:
         dist.all_reduce(buf)
-    return (buf[:-1] / run.world).tolist(), bool(buf[-1] > 0)
+    *means, stops = buf.tolist()
+    return [m / run.world for m in means], stops > 0
 
 
 @torch.no_grad()
@@ -305,11 +306,14 @@ def rollback(run: Run, step: int, record: dict) -> None:
     if tag is None:
         run.say(f"step {step}: no checkpoint {s.rollback_min_back}+ steps back; continuing without rollback")
         return
-    policy = run.monitor.state_dict()["policy"]
+    policy, read = run.monitor.state_dict()["policy"], run.order.position
     restore(run, run.checkpointer.load(tag))
     run.monitor.load_state_dict({**run.monitor.state_dict(), "policy": policy})
-    skipped = (step + s.rollback_skip - run.step) * run.cfg.trainer.gradient_accumulation_steps
-    run.order.position += skipped
+    # Skip what was read since the checkpoint, by data position: after an earlier rollback to the
+    # same tag the data ran ahead of the step count, and the earlier spike's batches stay skipped.
+    restored = run.order.position
+    run.order.position = read + s.rollback_skip * run.cfg.trainer.gradient_accumulation_steps
+    skipped = run.order.position - restored
     run.sink.rewind(run.step, events=False, spill=run.run_dir / "metrics_rolled_back.jsonl")
     run.sink.event(
         {
@@ -340,7 +344,8 @@ def on_min_loss_scale(run: Run, step: int, message: str) -> int:
             }
         )
     )
-    run.step = step - 1  # the step that failed was never applied
+    run.step = step - 1  # the step that failed was never applied: neither were its batches read
+    run.order.position -= run.cfg.trainer.gradient_accumulation_steps
     save(run, f"spike-{step}")
     run.say(
         f"step {step}: the fp16 loss scale is at its minimum ({scale:g}) and DeepSpeed cannot go on; "

@@ -139,8 +139,8 @@ class SpikeScore:
 
 
 class LossScaleDetector:
-    """fp16: too many overflow-skipped steps in a row, or the scale down at a floor (fires once
-    per descent to it)."""
+    """Too many skipped steps in a row (fp16 overflows; in bf16/fp32, DeepSpeed's skips of
+    non-finite gradients), or the fp16 scale down at a floor (fires once per descent to it)."""
 
     def __init__(self, max_consecutive: int, floor: float):
         self.max_consecutive, self.floor = max_consecutive, floor
@@ -200,7 +200,10 @@ class SpikeMonitor:
         firings = []
         # Non-finite values are episodes too: the first of a run of them fires.
         # An fp16 overflow is a skipped step, not a broken one: its infinite norm is expected.
-        bad_loss, bad_norm = not math.isfinite(loss), not math.isfinite(grad_norm) and not overflow
+        # fp16's scaler skips overflowed steps by design: their infinite norm is expected. DeepSpeed
+        # also skips bf16 and fp32 steps whose gradients are not finite, and there it is a fault.
+        bad_loss = not math.isfinite(loss)
+        bad_norm = not math.isfinite(grad_norm) and not (overflow and self.fp16)
         if bad_loss and not self.nonfinite[0]:
             firings.append(Firing("nonfinite_loss", loss))
         if bad_norm and not self.nonfinite[1]:
@@ -212,8 +215,7 @@ class SpikeMonitor:
         for f in (self.loss.update(loss), None if overflow else self.grad.update(grad_norm)):
             if f is not None:
                 (self.level_shifts if f.kind == "level_shift" else firings).append(f)
-        if self.fp16:
-            firings += self.scale.update(overflow, scale)
+        firings += self.scale.update(overflow, scale)  # overflow runs in every precision; floors in fp16
         self.fired += bool(firings)
         scores = {
             "spike/score_loss": self.score_loss.update(loss),

@@ -254,3 +254,20 @@ def test_the_corrections_apply_once(tmp_path):
     eng.correct_deepspeed_faults(tiny.engine)
     stays = Tiny("zero0_fp16")
     assert [r["grad_norm"] for r in tiny.train(3)] == [r["grad_norm"] for r in stays.train(3)]
+
+
+@pytest.mark.parametrize("ds", ["zero2_fp16", "zero3_fp16"])
+def test_the_scale_growth_correction_survives_loading_a_checkpoint(ds, tmp_path):
+    """load_checkpoint replaces ZeRO's loss scaler object: the correction must follow it, or a
+    resumed or rolled-back run applies half an update on its next scale growth."""
+    path = ds_config(tmp_path, ds, fp16={"loss_scale_window": 1})
+    loaded, unbroken = Tiny(path), Tiny(path)
+    rows = loaded.train(1)
+    loaded.engine.save_checkpoint(str(tmp_path / "ck"), tag="t")
+    loaded.engine.load_checkpoint(str(tmp_path / "ck"), tag="t")
+    rows += loaded.train(2)
+    assert [(r["loss_scale"], r["grad_norm"]) for r in rows] == [
+        (r["loss_scale"], r["grad_norm"]) for r in unbroken.train(3)
+    ]
+    masters_a, masters_b = loaded.masters(), unbroken.masters()
+    assert all(torch.equal(masters_a[n], masters_b[n]) for n in masters_a)

@@ -190,3 +190,15 @@ def test_monitor_state_round_trips():
         assert got == (b.observe(loss, gn, False, 1024.0), b.pop_level_shifts())
         seen += [f.kind for f in got[0][0] + got[1]]
     assert seen == ["level_shift", "loss_spike", "grad_norm_spike"]
+
+
+def test_skipped_bf16_steps_fire_where_fp16_overflows_are_expected():
+    """DeepSpeed skips a bf16/fp32 step whose gradients are not finite: a fault, not loss scaling."""
+    cfg = SpikesConfig(max_consecutive_overflows=3)
+    bf16, fp16 = SpikeMonitor(cfg, fp16=False), SpikeMonitor(cfg, fp16=True)
+    assert [f.kind for f in bf16.observe(2.0, math.inf, True, None)[0]] == ["nonfinite_grad_norm"]
+    assert fp16.observe(2.0, math.inf, True, 1024.0)[0] == []
+    for scale in (512.0, 256.0):
+        assert bf16.observe(2.0, math.inf, True, None)[0] == fp16.observe(2.0, math.inf, True, scale)[0] == []
+    last_bf16, last_fp16 = bf16.observe(2.0, math.inf, True, None)[0], fp16.observe(2.0, math.inf, True, 128.0)[0]
+    assert [f.kind for f in last_bf16] == [f.kind for f in last_fp16] == ["overflow_run"]
