@@ -105,6 +105,13 @@ def exit_codes_help() -> str:
     return "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
 
 
+def add_set_argument(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set SECTION.KEY=VALUE ...``, repeatable: the overrides every entry point takes."""
+    p.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE", help=help
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="train.py",
@@ -134,14 +141,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a YAML of sections applied on top: a name under <config_dir>/presets/ (listed below) "
         "or a path (default: none)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override any key, applied last, e.g. --set trainer.lr=1e-2 trainer.spikes.action=rollback "
+    add_set_argument(
+        p,
+        "override any key, applied last, e.g. --set trainer.lr=1e-2 trainer.spikes.action=rollback "
         "utils.run_name=bf16-lr1e-2",
     )
     p.add_argument(

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from dsinstab.cli import EXIT_CODES, find_path, presets_help  # noqa: E402
+from dsinstab.cli import EXIT_CODES, add_set_argument, find_path, presets_help  # noqa: E402
 from dsinstab.config import ConfigError, load_config  # noqa: E402
 from dsinstab.report import report_command  # noqa: E402
 
@@ -43,15 +43,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--preset", default=None, metavar="NAME|PATH", help="a preset applied to both runs (default: none)"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="overrides applied to both runs, e.g. --set utils.run_name=first trainer.max_steps=100",
-    )
+    add_set_argument(p, "overrides applied to both runs, e.g. --set utils.run_name=first trainer.max_steps=100")
     p.add_argument(
         "--config_dir",
         default="configs",
