@@ -265,6 +265,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     from dsinstab.diagnostics import Diagnostics
     from dsinstab.engine import build_engine
     from dsinstab.model import build_model, count_parameters
+    from dsinstab.overflow import overflow_plugins
     from dsinstab.plugins import Plugins
     from dsinstab.run_state import restore
     from dsinstab.spikes import SpikeMonitor
@@ -318,7 +319,12 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
         order=order,
         monitor=SpikeMonitor(t.spikes, precision(cfg.ds_config) == "fp16"),
         checkpointer=checkpointer,
-        plugins=Plugins([Diagnostics(t.diagnostics, model, engine, t.adam_eps, t.adam_beta2)]),
+        plugins=Plugins(
+            [
+                Diagnostics(t.diagnostics, model, engine, t.adam_eps, t.adam_beta2),
+                *overflow_plugins(t, model, engine),
+            ]
+        ),
         sink=NullSink(),
         run_dir=run_dir,
         rank=rank,

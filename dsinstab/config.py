@@ -70,7 +70,7 @@ class InjectConfig:
     factor: float = param(1000.0, "the multiplier applied for that one step", gt=0)
 
 
-PROBES = ("attn_logits", "out_logits", "layer_norms", "adam", "activations")
+PROBES = ("attn_logits", "out_logits", "layer_norms", "adam", "activations", "headroom")
 
 
 @dataclass
@@ -79,6 +79,18 @@ class DiagnosticsConfig:
     probes: str = param(
         "attn_logits,out_logits,layer_norms,adam,activations",
         "comma-separated probes to run on probe steps",
+    )
+
+
+@dataclass
+class OverflowConfig:
+    locate: bool = param(
+        True, "name the first non-finite tensor of each overflow in its event (tracks every module's max |x|)"
+    )
+    assumed_loss_scale: float = param(
+        65536.0,
+        "bf16/fp32: the fp16 loss scale the headroom probe assumes for gradients (DeepSpeed's initial 2^16)",
+        gt=0,
     )
 
 
@@ -110,6 +122,7 @@ class TrainerConfig:
     spikes: SpikesConfig = param(SpikesConfig(), "spike detectors and what they do")
     inject: InjectConfig = param(InjectConfig(), "a deliberate fault, for trying detectors")
     diagnostics: DiagnosticsConfig = param(DiagnosticsConfig(), "probes that explain a spike")
+    overflow: OverflowConfig = param(OverflowConfig(), "overflow anatomy: where a non-finite value started")
 
 
 @dataclass

@@ -1,0 +1,304 @@
+"""Overflow anatomy: the first non-finite tensor of an overflow is named, headroom and underflow
+against hand-computed tensors, DeepSpeed's skipping of non-finite bf16/fp32 steps, and one run
+through the launcher with its report table and plot.
+
+Engines are built in this process on one rank (as in test_numerics.py), stepped the way
+``loop.train_step`` steps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import deepspeed.comm as dist
+import pytest
+import torch
+from deepspeed.utils import safe_get_full_fp32_param
+
+from conftest import ROOT, TINY, TORCH_EXTENSIONS, assert_ok, ds_config, launch, train_rows
+from dsinstab import engine as eng
+from dsinstab.config import load_config, read_ds_config, resolve_ds_config
+from dsinstab.lowp import compute_context
+from dsinstab.model import build_model, lm_loss
+from dsinstab.overflow import FP16_MAX, OverflowAnatomy, count_below, skips_nonfinite_steps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank():
+    """A process group of one rank for this module. The environment is left as it was but for
+    LOCAL_RANK, which DeepSpeed's engines read (ZeRO-3 at every step), so runs launched later do not
+    inherit this rank's port; the launcher sets LOCAL_RANK for its own ranks."""
+    saved = dict(os.environ)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)
+    created = not dist.is_initialized()
+    try:
+        eng.init_distributed(lambda msg: None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    yield
+    if "LOCAL_RANK" not in saved:
+        os.environ.pop("LOCAL_RANK", None)
+    if created:
+        dist.destroy_process_group()
+
+
+def setup(ds: str, *overrides: str, model: torch.nn.Module | None = None, before_plugin=None):
+    """(config, model, engine, plugin) for conftest.TINY's model, or ``model``, in ds_config ``ds``.
+    ``before_plugin(model)`` runs before the plug-in hooks the model (a fault inside a module)."""
+    cfg = load_config(ROOT / "configs", [*TINY, *overrides])
+    path = ds if ds.endswith(".json") else ROOT / "ds_configs" / f"{ds}.json"
+    cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
+    vocab = cfg.dataset.vocab_size
+    model = model or build_model(cfg.model, vocab, vocab - 1, cfg.trainer.seed)
+    if before_plugin:
+        before_plugin(model)
+    engine = eng.build_engine(model, cfg.trainer, cfg.ds_config)
+    return cfg, model, engine, OverflowAnatomy(cfg.trainer, model, engine)
+
+
+def lm_step(cfg, engine, plugin, step: int, blow_up_logit_grads: bool = False) -> dict:
+    """One optimizer step on random tokens, with the plug-in's hooks where the loop calls them."""
+    tokens = torch.Generator().manual_seed(step)
+    batch = torch.randint(0, cfg.dataset.vocab_size, (4, cfg.model.seq_len + 1), generator=tokens)
+    plugin.begin_step(step)
+    with compute_context(engine):
+        logits = engine(input_ids=batch[:, :-1]).logits
+        plugin.observe_logits(logits)
+        if blow_up_logit_grads:  # the loss stays finite; the gradient reaching the logits does not
+            logits = logits * 1.0
+            logits.register_hook(lambda g: g * math.inf)
+        loss, _ = lm_loss(logits, batch[:, 1:], 0.0)
+        engine.backward(loss)
+    plugin.before_step()
+    engine.step()
+    plugin.after_step()
+    return plugin.collect()
+
+
+class Switch:
+    on = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The first non-finite tensor
+
+
+def test_a_forward_overflow_is_named_with_its_magnitude_the_step_before():
+    """fp16: a deep module's output pushed past 65504 on step 3 is the one named, in the forward pass,
+    with its max |output| of step 2 as an independent hook saw it."""
+    fault, seen = Switch(), []
+
+    def overflow_up_proj(model):
+        model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, a, o: o * 1e5 if fault.on else o)
+
+    cfg, model, engine, plugin = setup("zero2_fp16", before_plugin=overflow_up_proj)
+    model.model.layers[1].mlp.up_proj.register_forward_hook(
+        lambda m, a, o: seen.append(float(o.detach().abs().max())) if torch.is_grad_enabled() else None
+    )
+    for step in (1, 2):
+        lm_step(cfg, engine, plugin, step)
+        assert plugin.last_event is None and not eng.overflowed(engine)
+    fault.on = True
+    lm_step(cfg, engine, plugin, 3)
+    e = plugin.last_event
+    assert eng.overflowed(engine) and engine.skipped_steps == 1
+    assert (e["kind"], e["action"], e["step"], e["skipped"]) == ("overflow", "none", 3, True)
+    assert (e["module"], e["pass"], e["tensor"], e["layer"]) == (
+        "model.layers.1.mlp.up_proj",
+        "forward",
+        "output",
+        "layer_1",
+    )
+    assert e["value"] in ("inf", "nan") and e["loss_scale"] == 65536.0
+    assert e["before_step"] == 2 and e["amax_before"] == seen[1]
+    assert e["headroom_before"] == pytest.approx(seen[1] / 65504)
+
+
+class BlowUpGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e30
+
+
+def test_a_backward_overflow_names_the_gradient_that_went_non_finite():
+    """fp16: the gradient with respect to ``act_fn``'s output blows up (the forward is untouched):
+    named as that module's ``grad_output`` in the backward pass."""
+    fault = Switch()
+    cfg, model, engine, plugin = setup("zero2_fp16")
+    model.model.layers[0].mlp.act_fn.register_forward_hook(  # after the plug-in's own hook
+        lambda m, a, o: BlowUpGradient.apply(o) if fault.on else o
+    )
+    lm_step(cfg, engine, plugin, 1)
+    fault.on = True
+    lm_step(cfg, engine, plugin, 2)
+    e = plugin.last_event
+    assert e["skipped"] and (e["module"], e["pass"], e["tensor"]) == (
+        "model.layers.0.mlp.act_fn",
+        "backward",
+        "grad_output",
+    )
+    assert e["amax_before"] > 0 and e["before_step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Headroom and underflow
+
+
+class OneLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2, bias=False)])
+
+    def forward(self, x):
+        return self.layers[0](x)
+
+
+def test_headroom_and_underflow_match_hand_computed_tensors(tmp_path):
+    """fp32 run, assumed loss scale 1024. out = x Wᵀ, loss = sum(out * c), so the gradient with
+    respect to out is c and W's gradient is cᵀ x:
+
+        x = [[1, -2], [3, 0.5]]   W = [[2, 0], [-1, 4]]   out = [[2, -9], [6, -1]]  -> max 9
+        c = [[1e-12, 0], [0, 1]]  cᵀx = [[1e-12, -2e-12], [3, 0.5]]                  -> max 3
+
+    fp16's smallest subnormal over the scale is 2^-24 / 1024 = 5.8e-11: two of W's four gradient
+    elements (1e-12, -2e-12) are below it.
+    """
+    model = OneLayer()
+    with torch.no_grad():
+        model.layers[0].weight.copy_(torch.tensor([[2.0, 0.0], [-1.0, 4.0]]))
+    fp32_zero0 = ds_config(tmp_path, "zero2_fp32", zero_optimization={"stage": 0})
+    cfg, model, engine, plugin = setup(
+        fp32_zero0,
+        "trainer.diagnostics.every=1",
+        "trainer.diagnostics.probes=headroom",
+        "trainer.overflow.assumed_loss_scale=1024",
+        model=model,
+    )
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    c = torch.tensor([[1e-12, 0.0], [0.0, 1.0]])
+    plugin.begin_step(1)
+    out = engine(x)
+    engine.backward((out * c).sum())
+    engine.step()
+    plugin.after_step()
+    metrics = plugin.collect()
+    assert metrics == {
+        "diag/headroom_act/layer_0": pytest.approx(9 / 65504),
+        "diag/headroom_grad/layer_0": pytest.approx(3 * 1024 / 65504),
+        "diag/underflow/layer_0": 0.5,
+        "diag/headroom_loss_scale": 1024.0,
+    }
+    assert FP16_MAX == 65504
+    state = plugin.state_dict()  # the step's maxima ride in the checkpoint
+    other = OverflowAnatomy(cfg.trainer, OneLayer(), engine)
+    other.load_state_dict(state)
+    assert other.state_dict() == state and max(state["prev"]) == 9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_underflow_counts_on_the_bits_agree_with_a_float64_comparison(dtype):
+    x = torch.tensor([0.0, -0.0, 1e-9, -3e-8, 5.96e-8, 6e-8, -1.0, math.inf, math.nan, 2**-24, -(2**-30)])
+    x = x.to(dtype)
+    expected = int((x.double().abs() < 2**-24).sum())  # nan and inf are not below
+    assert int(count_below(x, 2**-24)) == expected
+    assert int(count_below(x.reshape(1, -1).t(), 2**-24)) == expected  # a non-contiguous view
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed skips non-finite bf16 and fp32 steps too
+
+
+def _weights(engine, model) -> torch.Tensor:
+    if engine.zero_optimization():
+        return torch.cat([safe_get_full_fp32_param(p).flatten() for p in model.parameters()])
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize(
+    "ds, skips",
+    [
+        ("zero0_bf16", True),
+        ("zero1_bf16", True),
+        ("zero2_bf16", True),
+        ("zero3_bf16", True),
+        ("zero2_fp32", True),
+        ("fp32-zero0", False),
+        ("bf16-zero2-no-check", False),
+    ],
+)
+def test_deepspeed_skips_a_non_finite_bf16_or_fp32_step_and_it_is_an_overflow(ds, skips, tmp_path):
+    """A step whose loss is finite but whose gradient is not: DeepSpeed 0.19.8 skips it in bf16 on
+    every ZeRO stage and in fp32 with ZeRO, as it skips an fp16 overflow (``optimizer.overflow``,
+    ``engine.skipped_steps``, weights and lr schedule unchanged), without a word (deepspeed#8415);
+    the plug-in's event names where it started. fp32 without ZeRO, or bf16 with
+    ``check_grad_overflow`` off, applies the non-finite gradient."""
+    if ds == "fp32-zero0":
+        ds = ds_config(tmp_path, "zero2_fp32", zero_optimization={"stage": 0})
+    elif ds == "bf16-zero2-no-check":
+        ds = ds_config(tmp_path, "zero2_bf16", bf16={"enabled": True, "check_grad_overflow": False})
+    cfg, model, engine, plugin = setup(ds)
+    assert skips_nonfinite_steps(engine) is skips
+    lm_step(cfg, engine, plugin, 1)
+    before, lr_steps = _weights(engine, model), engine.lr_scheduler.last_epoch
+    lm_step(cfg, engine, plugin, 2, blow_up_logit_grads=True)
+    after = _weights(engine, model)
+    assert eng.overflowed(engine) is skips
+    assert engine.skipped_steps == int(skips)
+    assert engine.lr_scheduler.last_epoch == lr_steps + (not skips)
+    assert torch.equal(before, after) if skips else not torch.isfinite(after).all()
+    e = plugin.last_event
+    assert (e["kind"], e["skipped"], e["loss_scale"]) == ("overflow", skips, None)
+    assert (e["module"], e["pass"], e["tensor"]) == ("lm_head", "backward", "grad_output")
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the launcher, into the report
+
+
+def test_a_launched_fp16_run_names_the_overflow_and_reports_headroom(tmp_path, cache_dir):
+    """The embeddings scaled by 1e6 at step 4 (trainer.inject): the first non-finite tensor is the
+    embedding output, in the forward pass; the headroom probe logs every layer; the report's table
+    counts where the overflows started and the headroom plot is drawn."""
+    from dsinstab.overflow_report import headroom_plot, overflow_table
+    from dsinstab.report import load_run
+
+    proc, run = launch(
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=5",
+        "trainer.checkpoint_every=0",
+        "trainer.eval_every=100",
+        "trainer.inject.at_step=4",
+        "trainer.inject.kind=embed",
+        "trainer.inject.factor=1e6",
+        "trainer.diagnostics.every=2",
+        "trainer.diagnostics.probes=headroom",
+        "trainer.spikes.action=none",
+        ds="zero2_fp16",
+    )
+    assert_ok(proc)
+    data = load_run(run)
+    (e,) = [e for e in data.events if e["kind"] == "overflow"]
+    assert (e["step"], e["module"], e["pass"], e["skipped"]) == (4, "model.embed_tokens", "forward", True)
+    assert 0 < e["headroom_before"] < 1e-3 and e["loss_scale"] == 65536
+    rows = {r["step"]: r for r in train_rows(run)}
+    assert rows[4]["train/overflow"] == 1
+    groups = ("embed", "layer_0", "layer_1")
+    assert all(0 < rows[2][f"diag/headroom_act/{g}"] < 1 for g in groups)
+    assert all(0 < rows[2][f"diag/headroom_grad/{g}"] < 1 for g in groups)
+    assert rows[4]["diag/headroom_act/embed"] == math.inf  # past 65504 at the overflow
+    assert 0 <= rows[2]["diag/underflow/layer_1"] < 1
+    (row,) = overflow_table([data])
+    assert row["overflows"] == 1 and row["first overflow"] == 4
+    assert row["train/overflow_first"] == "model.embed_tokens (forward) x1"
+    plot = headroom_plot([data], tmp_path)
+    assert plot is not None and plot.stat().st_size > 10_000
