@@ -267,23 +267,23 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: Path, progress: bool 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet, show_progress=progress
     )
-    tok.train_from_iterator(_batches(texts), trainer=trainer)
+    # single pieces, not lists: the trainer buffers 256 items of its iterator
+    tok.train_from_iterator((p for t in texts for p in pieces(t, 1 << 16)), trainer=trainer)
     tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     tok.save(str(tmp))
     os.replace(tmp, path)
     return tok
 
 
-def _batches(texts: Iterable[str], limit: int | None = None) -> Iterator[list[str]]:
-    """The texts' pieces, in order, in lists of about ``limit`` (``BATCH_CHARS``) characters."""
+def _batches(texts: Iterable[str], limit: int) -> Iterator[list[str]]:
+    """The texts, in order, in lists of about ``limit`` characters."""
     batch, size = [], 0
     for text in texts:
-        for piece in pieces(text):
-            batch.append(piece)
-            size += len(piece)
-            if size >= (limit or BATCH_CHARS):
-                yield batch
-                batch, size = [], 0
+        batch.append(text)
+        size += len(text)
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
     if batch:
         yield batch
 
