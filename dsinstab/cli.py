@@ -108,7 +108,13 @@ def exit_codes_help() -> str:
 def add_set_argument(p: argparse.ArgumentParser, help: str) -> None:
     """``--set SECTION.KEY=VALUE ...``, repeatable: the overrides every entry point takes."""
     p.add_argument(
-        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE", help=help
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=help,
     )
 
 

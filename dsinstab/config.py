@@ -43,7 +43,9 @@ class SpikesConfig:
     grad_norm_k: float = param(12.0, "grad-norm spike: same rule on the global grad norm", gt=0)
     min_rel_jump: float = param(0.1, "and the value exceeds the median by at least this fraction", ge=0)
     level_shift_steps: int = param(
-        25, "a spike lasting this many steps is a level shift: recorded, and the baseline restarts there", ge=2
+        25,
+        "a spike lasting this many steps is a level shift: recorded, and the baseline restarts there",
+        ge=2,
     )
     max_consecutive_overflows: int = param(10, "fp16: this many overflow-skipped steps in a row fire", ge=1)
     min_loss_scale: float = param(1.0, "fp16: the loss scale falling to this value fires", gt=0)
@@ -149,7 +151,11 @@ class DatasetConfig:
     path: str = param("", "local: file, folder or glob (.txt/.jsonl/.json/.parquet); disk: saved dataset")
     text_field: str = param("text", "column holding the text")
     tokenizer: str = param("bpe", "bpe (trained here), bytes, or a name/path for AutoTokenizer")
-    vocab_size: int = param(4096, "vocabulary size (bpe: trained to it; others: at least the tokenizer's, e.g. padded to a multiple of 64)", ge=2)
+    vocab_size: int = param(
+        4096,
+        "vocabulary size (bpe: trained to it; others: at least the tokenizer's, e.g. padded to a multiple of 64)",
+        ge=2,
+    )
     val_fraction: float = param(0.02, "share of documents held out for validation", gt=0, le=0.5)
     max_chars: int = param(0, "use at most this many characters of the corpus (0 = all)", ge=0)
     num_proc: int = param(1, "processes for tokenization (at most one per source file or shard)", ge=1)

@@ -425,4 +425,6 @@ def write_status(run: Run, state: str, code: int | None, message: str | None = N
             "tokens_seen": run.tokens_seen,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }
-        write_atomic(run.run_dir / "status.json", json.dumps(status | ({"message": message} if message else {})))
+        write_atomic(
+            run.run_dir / "status.json", json.dumps(status | ({"message": message} if message else {}))
+        )

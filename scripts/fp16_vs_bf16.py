@@ -43,7 +43,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--preset", default=None, metavar="NAME|PATH", help="a preset applied to both runs (default: none)"
     )
-    add_set_argument(p, "overrides applied to both runs, e.g. --set utils.run_name=first trainer.max_steps=100")
+    add_set_argument(
+        p, "overrides applied to both runs, e.g. --set utils.run_name=first trainer.max_steps=100"
+    )
     p.add_argument(
         "--config_dir",
         default="configs",

@@ -200,5 +200,8 @@ def test_skipped_bf16_steps_fire_where_fp16_overflows_are_expected():
     assert fp16.observe(2.0, math.inf, True, 1024.0)[0] == []
     for scale in (512.0, 256.0):
         assert bf16.observe(2.0, math.inf, True, None)[0] == fp16.observe(2.0, math.inf, True, scale)[0] == []
-    last_bf16, last_fp16 = bf16.observe(2.0, math.inf, True, None)[0], fp16.observe(2.0, math.inf, True, 128.0)[0]
+    last_bf16, last_fp16 = (
+        bf16.observe(2.0, math.inf, True, None)[0],
+        fp16.observe(2.0, math.inf, True, 128.0)[0],
+    )
     assert [f.kind for f in last_bf16] == [f.kind for f in last_fp16] == ["overflow_run"]
