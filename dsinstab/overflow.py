@@ -422,7 +422,9 @@ class OverflowAnatomy(PluginBase):
             for family, v in (("act", act[i]), ("grad", grad[i])):
                 if math.isnan(v) or v >= 0:  # -1: nothing of the kind in the group; nan: past the limit
                     out[f"diag/headroom_{family}/{g}"] = v / FP16_MAX if math.isfinite(v) else math.inf
-            if shares[i] >= 0 and g != "embed":  # unused vocabulary rows are exact zeros, not underflow
+            # absent for embed (rows of tokens not in the batch are exact zeros, not underflow) and
+            # where the gradients are not finite (an overflowed step's nan is not "below")
+            if shares[i] >= 0 and g != "embed" and math.isfinite(grad[i]):
                 out[f"diag/underflow/{g}"] = shares[i]
         return out
 

@@ -297,6 +297,7 @@ def test_a_launched_fp16_run_names_the_overflow_and_reports_headroom(tmp_path, c
     assert all(0 < rows[2][f"diag/headroom_grad/{g}"] < 1 for g in groups)
     assert rows[4]["diag/headroom_act/embed"] == math.inf  # past 65504 at the overflow
     assert 0 <= rows[2]["diag/underflow/layer_1"] < 1
+    assert "diag/underflow/layer_1" not in rows[4]  # nan gradients are not "below": no share at all
     (row,) = overflow_table([data])
     assert row["overflows"] == 1 and row["first overflow"] == 4
     assert row["train/overflow_first"] == "model.embed_tokens (forward) x1"
