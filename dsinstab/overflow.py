@@ -205,9 +205,9 @@ class StepRecord:
     mag: torch.Tensor  # max |x| of each entry (float32, on the device; inf or nan where non-finite)
     under: list[tuple[int, torch.Tensor, int]]
 
-    def slot_max(self, n_slots: int) -> torch.Tensor:
-        """Max |x| per slot over the step (-1 for a slot not seen); a nan anywhere stays nan."""
-        ids = torch.tensor(self.ids, device=self.mag.device)
+    def slot_max(self, n_slots: int, ids: torch.Tensor) -> torch.Tensor:
+        """Max |x| per slot over the step (-1 for a slot not seen); a nan anywhere stays nan.
+        ``ids`` is :attr:`ids` as a tensor on the device."""
         empty = torch.full((n_slots,), -1.0, device=self.mag.device)
         return empty.scatter_reduce(0, ids, self.mag, "amax", include_self=False)
 
@@ -271,6 +271,7 @@ class OverflowAnatomy(PluginBase):
         }
         self.step, self.scale, self.probe, self.record = 0, None, False, None
         self.last_event: dict | None = None
+        self._ids_cache: dict[tuple, torch.Tensor] = {}
 
     @staticmethod
     def wanted(tc: TrainerConfig) -> bool:
@@ -299,7 +300,7 @@ class OverflowAnatomy(PluginBase):
         record, self.record = self.record, None
         if record is None:
             return {}
-        step_max = record.slot_max(len(self.slots))
+        step_max = record.slot_max(len(self.slots), self._device_ids(record.ids))
         out = {}
         if self.locate and self._overflowed(record):
             self._write_event(record)
@@ -312,6 +313,16 @@ class OverflowAnatomy(PluginBase):
         self.prev = torch.where(seen, step_max, -1.0)
         self.prev_step = self.step
         return out
+
+    def _device_ids(self, ids: list[int]) -> torch.Tensor:
+        """``ids`` on the device, copied there once: steps repeat the same order, and a copy from the
+        host each step would wait for the device's queue on a GPU."""
+        key = tuple(ids)
+        if key not in self._ids_cache:
+            if len(self._ids_cache) > 8:  # a changing order (e.g. varying micro batches): keep a few
+                self._ids_cache.clear()
+            self._ids_cache[key] = torch.tensor(ids, device=self.prev.device)
+        return self._ids_cache[key]
 
     # -- the overflow ---------------------------------------------------------------------------
 
