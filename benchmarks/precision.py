@@ -1,5 +1,5 @@
 """Tokens/s of the default model in fp32, bf16 and fp16 through dsinstab's engine path, side by side:
-``python benchmarks/precision.py [--steps N] [--slow]``.
+``python benchmarks/precision.py [--steps N] [--threads N] [--slow]``.
 
 Each CPU setting runs in its own process (torch reads its ISA settings at import): this CPU as it
 is, and with AVX-512 masked (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``), which is the
@@ -43,6 +43,7 @@ def measure(steps: int, sides: dict[str, tuple[str, str]]) -> dict:
     """Build one engine per side in this process and time ``steps`` steps of each, in turns of
     :data:`ROUND`. Returns tokens/s per side, the compute path each took, and the CPU's features."""
     import torch
+    from deepspeed.accelerator import get_accelerator
 
     from dsinstab.config import load_config, read_ds_config, resolve_ds_config
     from dsinstab.data import BatchOrder, prepare_data
@@ -51,13 +52,15 @@ def measure(steps: int, sides: dict[str, tuple[str, str]]) -> dict:
     from dsinstab.model import build_model, lm_loss
 
     init_distributed(log=lambda m: None)
+    sync = get_accelerator().synchronize
     cfg = load_config(ROOT / "configs")
     t = cfg.trainer
     data = prepare_data(cfg.dataset, cfg.model.seq_len, cfg.utils.cache_dir, log=lambda m: None)
     tokens_per_step = t.micro_batch_size * cfg.model.seq_len
-    # the other bf16 path only where it is not the one auto takes
+    # the other bf16 path only where it is not the one auto takes (on an accelerator there is one)
     other = "native" if use_fp32_compute(torch.bfloat16, "auto") else "fp32"
-    sides = {k: v for k, v in sides.items() if v[0] != "zero2_bf16" or v[1] in ("auto", other)}
+    other = other if get_accelerator().device_name() == "cpu" else "auto"
+    sides = {k: v for k, v in sides.items() if v[1] == "auto" or (v[0] == "zero2_bf16" and v[1] == other)}
     runs = {}
     for name, (ds, mode) in sides.items():
         path = ROOT / "ds_configs" / f"{ds}.json"
@@ -83,9 +86,11 @@ def measure(steps: int, sides: dict[str, tuple[str, str]]) -> dict:
     while any(done[k] < quota[k] for k in runs):
         for name, run in runs.items():
             n = min(ROUND, quota[name] - done[name])
+            sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(n):
                 step(*run)
+            sync()
             seconds[name] += time.perf_counter() - start
             cpu_seconds[name] += time.process_time() - cpu_start
             done[name] += n
@@ -112,12 +117,20 @@ def child_env(extra: dict) -> dict:
     return {**env, **extra}
 
 
-def measure_in_child(setting: str, steps: int, slow: bool) -> dict:
+def measure_in_child(setting: str, steps: int, slow: bool, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--child", str(out), "--steps", str(steps)] + (
-            ["--slow"] if slow else []
-        )
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(out),
+            "--steps",
+            str(steps),
+            "--threads",
+            str(threads),
+        ]
+        cmd += ["--slow"] if slow else []
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=child_env(CPU_SETTINGS[setting]), cwd=ROOT
         )
@@ -128,14 +141,20 @@ def measure_in_child(setting: str, steps: int, slow: bool) -> dict:
         return json.loads(out.read_text())
 
 
-def precision_rows(steps: int = 30, slow: bool = False) -> list[tuple[str, str]]:
+def precision_rows(steps: int = 30, slow: bool = False, threads: int = 0) -> list[tuple[str, str]]:
     """Rows ``(measurement, result)`` for each CPU setting: tokens/s of fp32, bf16 and fp16 (each on
     the path ``auto`` picks) and their ratios to fp32, by wall clock and by the process's CPU time;
     bf16 on the other path; the CPU's flags and what torch makes of them. ``slow`` adds bf16 on
-    native kernels, which crawls where the CPU has none."""
+    native kernels, which crawls where the CPU has none. ``threads`` > 0 sets torch's thread count:
+    on a machine busier than its cores, one thread per process measures the work with the least
+    noise from threads waiting for each other at every op."""
+    from deepspeed.accelerator import get_accelerator
+
+    # AVX-512 masking is a CPU matter; on an accelerator the first setting measures the device
+    settings = list(CPU_SETTINGS)[: 2 if get_accelerator().device_name() == "cpu" else 1]
     rows: list[tuple[str, str]] = []
-    for setting in CPU_SETTINGS:
-        r = measure_in_child(setting, steps, slow)
+    for setting in settings:
+        r = measure_in_child(setting, steps, slow, threads)
         tps, cpu, path, f = r["tokens_per_s"], r["tokens_per_cpu_s"], r["path"], r["features"]
         flags = [
             k for k in ("avx2", "avx512_f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f[k]
@@ -175,13 +194,18 @@ def main() -> int:
     p.add_argument(
         "--slow", action="store_true", help="also bf16 on native kernels (crawls without native bf16)"
     )
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
     p.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)  # measure here, write the result there
     args = p.parse_args()
     if args.child:
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
         sides = {**SIDES, **(SLOW_SIDES if args.slow else {})}
         Path(args.child).write_text(json.dumps(measure(args.steps, sides)))
         return 0
-    rows = precision_rows(args.steps, args.slow)
+    rows = precision_rows(args.steps, args.slow, args.threads)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")
