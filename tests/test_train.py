@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -125,4 +126,7 @@ def test_reference_losses(tmp_path, cache_dir):
     proc, run = launch(tmp_path, cache_dir, "trainer.max_steps=8", "trainer.checkpoint_every=0", ds=ds)
     assert_ok(proc)
     losses = [r["train/loss"] for r in train_rows(run)]
+    if os.environ.get("DSINSTAB_UPDATE_REFERENCE") == "1":  # after a deliberate change to data or numerics
+        ref["zero0_fp32"] = losses
+        (ROOT / "tests" / "reference_losses.json").write_text(json.dumps(ref, indent=1) + "\n")
     assert losses == pytest.approx(ref["zero0_fp32"], rel=2e-3)
