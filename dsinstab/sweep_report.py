@@ -1,0 +1,448 @@
+"""The analysis of a sweep: final loss against learning rate, LR sensitivity, where training diverges.
+
+Reads the run directories of a grid's points (wherever they ran) and writes ``report.md``, a
+self-contained ``report.html`` and one PNG per plot into ``<sweep>/report/``, plus a wandb table
+when the points log to wandb. docs/sweeps.md explains every number.
+
+LR sensitivity follows Wortsman et al. 2023 (arXiv:2309.14322): E over eta in [3e-4, 3e-1] of
+min(loss(eta), loss_0) - loss*, with loss_0 the loss at initialisation and loss* the loss of the
+best learning rate of the same curve. One curve here is one variant at one seed; the spread over
+seeds is the spread of that number.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dsinstab.config import ConfigError  # noqa: E402
+from dsinstab.report import COLORS, ENDINGS, load_run  # noqa: E402
+from dsinstab.sweep import Grid, Point  # noqa: E402
+
+LR_RANGE = (3e-4, 3e-1)  # Wortsman et al. 2023's [a, b]
+# a run that ended here did not reach its last step: the learning rate diverged
+DIVERGED_STATES = ("min_loss_scale", "stopped")
+
+
+@dataclass
+class PointResult:
+    variant: str
+    lr: float
+    seed: int
+    name: str
+    precision: str | None = None
+    state: str | None = None  # None: no run directory (not run yet)
+    steps: int | None = None
+    loss0: float | None = None  # eval loss at step 0
+    final: float | None = None  # eval loss at the last step of a finished run (nan when it blew up)
+    diverged: bool | None = None  # None: no result yet (not run, running, killed, crashed)
+    max_attn_logit: float | None = None  # max over probe steps and layers of diag/attn_logit_max
+    log_z: float | None = None  # diag/log_z at the last probe step
+    spike_score: float | None = None  # spike/score_loss at the last logged step
+    spikes: int | None = None  # detector firings (events.jsonl)
+    skipped_steps: int | None = None  # train/skipped_steps at the last logged step
+
+    @property
+    def effective(self) -> float | None:
+        """min(loss(eta), loss_0), a diverged run counting as loss_0 (its loss is no better)."""
+        if self.diverged is None or self.loss0 is None:
+            return None
+        return self.loss0 if self.diverged else min(self.final, self.loss0)
+
+
+def _last(run, key: str) -> float | None:
+    vals = [v for v in run.series(key)[1] if isinstance(v, (int, float)) and math.isfinite(v)]
+    return vals[-1] if vals else None
+
+
+def point_result(point: Point) -> PointResult:
+    r = PointResult(point.variant, point.lr, point.seed, point.name)
+    if not point.run_dir.is_dir():
+        return r
+    try:
+        run = load_run(point.run_dir)
+    except ConfigError:  # killed before its first logged step
+        r.state = "running"
+        return r
+    r.precision, r.state = run.precision, run.status.get("state", "running")
+    r.steps = run.status.get("step")
+    evals = run.series("eval/loss")
+    r.loss0 = next((v for s, v in zip(*evals) if s == 0), None)
+    if r.state == "finished":
+        r.final = evals[1][-1] if evals[0] else None
+        r.diverged = (
+            r.final is None or not math.isfinite(r.final) or (r.loss0 is not None and r.final >= r.loss0)
+        )
+    elif r.state in DIVERGED_STATES:
+        r.diverged = True
+    attn = [
+        v
+        for row in run.metrics
+        for k, v in row.items()
+        if k.startswith("diag/attn_logit_max/") and isinstance(v, (int, float)) and math.isfinite(v)
+    ]
+    r.max_attn_logit = max(attn) if attn else None
+    r.log_z = _last(run, "diag/log_z")
+    r.spike_score = _last(run, "spike/score_loss")
+    r.spikes = len(run.firings)
+    skipped = _last(run, "train/skipped_steps")
+    r.skipped_steps = int(skipped) if skipped is not None else None
+    return r
+
+
+def in_range(lr: float, lo: float = LR_RANGE[0], hi: float = LR_RANGE[1]) -> bool:
+    return lo * (1 - 1e-9) <= lr <= hi * (1 + 1e-9)
+
+
+def lr_sensitivity(curve: list[PointResult]) -> float | None:
+    """E over the curve's learning rates in [3e-4, 3e-1] of min(loss, loss_0) - loss*, where loss*
+    is the best final loss of the curve; ``None`` when no point of the range trained (nothing to
+    measure from) or none has a result yet. Points without a result are left out of the mean."""
+    pts = [p for p in curve if in_range(p.lr) and p.effective is not None]
+    trained = [p.final for p in pts if not p.diverged]
+    if not trained:
+        return None
+    best = min(trained)
+    return statistics.fmean(p.effective - best for p in pts)
+
+
+def variant_rows(results: list[PointResult], variants: list[str], seeds: list[int]) -> list[dict]:
+    rows = []
+    for v in variants:
+        mine = [r for r in results if r.variant == v]
+        per_seed = {s: lr_sensitivity([r for r in mine if r.seed == s]) for s in seeds}
+        vals = [x for x in per_seed.values() if x is not None]
+        by_lr: dict[float, list[PointResult]] = {}
+        for r in mine:
+            by_lr.setdefault(r.lr, []).append(r)
+        # the largest learning rate at which every seed with a result trained
+        ok = [
+            lr
+            for lr, rs in by_lr.items()
+            if any(r.diverged is not None for r in rs)
+            and all(r.diverged is False for r in rs if r.diverged is not None)
+        ]
+        means = {
+            lr: statistics.fmean(r.final for r in rs)
+            for lr, rs in by_lr.items()
+            if rs and all(r.diverged is False for r in rs)
+        }
+        best_lr = min(means, key=means.get) if means else None
+        rows.append(
+            {
+                "variant": v,
+                "precision": ", ".join(sorted({r.precision for r in mine if r.precision})) or None,
+                "points": f"{sum(r.diverged is not None for r in mine)}/{len(mine)}",
+                "LR sensitivity": statistics.fmean(vals) if vals else None,
+                "std over seeds": statistics.stdev(vals) if len(vals) > 1 else None,
+                "per seed": ", ".join(f"s{s}: {_fmt(x)}" for s, x in per_seed.items()),
+                "largest LR trained": max(ok) if ok else None,
+                "diverged points": sum(bool(r.diverged) for r in mine),
+                "best LR": best_lr,
+                "best final eval loss": means.get(best_lr) if best_lr is not None else None,
+            }
+        )
+    return rows
+
+
+VARIANT_COLUMNS = [
+    "variant",
+    "precision",
+    "points",
+    "LR sensitivity",
+    "std over seeds",
+    "per seed",
+    "largest LR trained",
+    "diverged points",
+    "best LR",
+    "best final eval loss",
+]
+POINT_COLUMNS = [
+    "name",
+    "variant",
+    "lr",
+    "seed",
+    "state",
+    "steps",
+    "loss0",
+    "final",
+    "diverged",
+    "max_attn_logit",
+    "log_z",
+    "spike_score",
+    "spikes",
+    "skipped_steps",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot_vs_lr(results, variants, value, ylabel: str, title: str, path: Path, logy=False, diverged=False):
+    """One line per variant: the mean over seeds at each learning rate, the bar from the lowest to
+    the highest seed; with ``diverged``, points that diverged without a finite final loss (fp16
+    died, or nan) as crosses at their loss at init."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for v, color in zip(variants, COLORS * 4):
+        by_lr: dict[float, list[float]] = {}
+        for r in results:
+            x = value(r) if r.variant == v else None
+            if x is not None and math.isfinite(x):
+                by_lr.setdefault(r.lr, []).append(x)
+        lrs = sorted(by_lr)
+        if lrs:
+            drawn = True
+            mean = [statistics.fmean(by_lr[lr]) for lr in lrs]
+            err = [
+                [m - min(by_lr[lr]) for lr, m in zip(lrs, mean)],
+                [max(by_lr[lr]) - m for lr, m in zip(lrs, mean)],
+            ]
+            ax.errorbar(lrs, mean, yerr=err, color=color, marker="o", ms=4, capsize=3, lw=1.5, label=v)
+        if diverged:
+            bad = [  # no finite loss to draw: marked at the loss at init, as LR sensitivity counts it
+                r
+                for r in results
+                if r.variant == v
+                and r.diverged
+                and r.loss0 is not None
+                and (r.final is None or not math.isfinite(r.final))
+            ]
+            if bad:
+                drawn = True
+                ax.plot(
+                    [r.lr for r in bad],
+                    [r.loss0 for r in bad],
+                    "x",
+                    color=color,
+                    ms=9,
+                    mew=2,
+                    label=f"{v}: diverged, no finite loss (drawn at its loss at init)",
+                )
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set(xlabel="peak learning rate", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sensitivity(results, variants, seeds, path: Path):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    drawn = False
+    for i, (v, color) in enumerate(zip(variants, COLORS * 4)):
+        vals = [lr_sensitivity([r for r in results if r.variant == v and r.seed == s]) for s in seeds]
+        vals = [x for x in vals if x is not None]
+        if not vals:
+            continue
+        drawn = True
+        ax.bar(
+            i,
+            statistics.fmean(vals),
+            color=color,
+            alpha=0.6,
+            yerr=statistics.stdev(vals) if len(vals) > 1 else None,
+            capsize=4,
+        )
+        ax.plot([i] * len(vals), vals, "o", color="black", ms=4)
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xticks(range(len(variants)), variants)
+    ax.set(
+        ylabel="LR sensitivity",
+        title="LR sensitivity per variant (bar: mean over seeds, ±1 std; dots: seeds)",
+    )
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def write_sweep_report(grid: Grid, out: str | Path | None = None) -> Path:
+    """Plots, report.md and report.html of the grid's points; returns the folder."""
+    out = Path(out) if out else grid.out / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    results = [point_result(p) for p in grid.points]
+    vrows = variant_rows(results, grid.variants, grid.seeds)
+    prows = [asdict(r) | {"state": ENDINGS.get(r.state, r.state or "not run")} for r in results]
+    V = grid.variants
+    plots = [
+        plot_vs_lr(
+            results,
+            V,
+            lambda r: r.final,
+            "final eval loss",
+            "Final eval loss against learning rate (mean over seeds, bar: lowest to highest seed)",
+            out / "loss_vs_lr.png",
+            diverged=True,
+        ),
+        plot_sensitivity(results, V, grid.seeds, out / "lr_sensitivity.png"),
+        plot_vs_lr(
+            results,
+            V,
+            lambda r: r.max_attn_logit,
+            "max attention logit (any layer, any probe step)",
+            "Largest pre-softmax attention logit against learning rate",
+            out / "attn_logit_vs_lr.png",
+            logy=True,
+        ),
+        plot_vs_lr(
+            results,
+            V,
+            lambda r: r.log_z,
+            "log Z at the last probe step",
+            "Output log Z against learning rate",
+            out / "log_z_vs_lr.png",
+        ),
+        plot_vs_lr(
+            results,
+            V,
+            lambda r: r.spike_score,
+            "spike score (loss), end of run",
+            "OLMo 2 spike score against learning rate",
+            out / "spike_score_vs_lr.png",
+        ),
+        plot_vs_lr(
+            results,
+            V,
+            lambda r: r.skipped_steps,
+            "skipped steps (overflow or non-finite)",
+            "Skipped steps against learning rate",
+            out / "skipped_steps_vs_lr.png",
+        ),
+    ]
+    plots = [p for p in plots if p is not None]
+    notes = _notes(results)
+    title = f"dsinstab sweep: {grid.name}"
+    (out / "report.md").write_text(_markdown(title, vrows, prows, notes, plots))
+    (out / "report.html").write_text(_html(title, vrows, prows, notes, plots))
+    cfg = grid.points[0].cfg.utils
+    if cfg.report_to == "wandb":
+        log_to_wandb(out, vrows, prows, cfg.wandb_project, f"{grid.name}-report", grid.name)
+    return out
+
+
+DEFINITIONS = (
+    "LR sensitivity (Wortsman et al. 2023, arXiv:2309.14322): the mean over the swept learning rates "
+    "eta in [3e-4, 3e-1] of min(loss(eta), loss_0) - loss*, where loss(eta) is the final eval loss, "
+    "loss_0 the eval loss at step 0 and loss* the best final eval loss of the same curve (one variant, "
+    "one seed); the spread is over seeds. A point diverged when it did not finish (died at the fp16 "
+    "minimum loss scale, stopped by a detector) or finished with a final eval loss that is not finite "
+    "or not below loss_0; it counts as loss_0. Points without a result yet are left out."
+)
+
+
+def _notes(results: list[PointResult]) -> list[str]:
+    notes = []
+    missing = [r.name for r in results if r.diverged is None]
+    if missing:
+        notes.append(
+            f"{len(missing)} point(s) have no result yet (not run, running, killed or crashed): "
+            + ", ".join(missing[:6])
+            + (", ..." if len(missing) > 6 else "")
+        )
+    outside = sorted({r.lr for r in results if not in_range(r.lr)})
+    if outside:
+        notes.append(
+            "learning rates outside [3e-4, 3e-1] are plotted but not in the LR sensitivity: "
+            + ", ".join(f"{lr:g}" for lr in outside)
+        )
+    return notes
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.3g}" if v and (abs(v) < 1e-2 or abs(v) >= 1e5) else f"{v:.4g}"
+    return str(v)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _markdown(title, vrows, prows, notes, plots) -> str:
+    lines = [f"# {title}", "", DEFINITIONS, ""] + [f"> {n}" for n in notes] + ([""] if notes else [])
+    for cols, rows in ((VARIANT_COLUMNS, vrows), (POINT_COLUMNS, prows)):
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows] + [""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _html(title, vrows, prows, notes, plots) -> str:
+    def table(cols, rows):
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows
+        )
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    imgs = "".join(
+        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{p.stem}</figcaption></figure>"
+        for p in plots
+    )
+    warn = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
+        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
+        "th{background:#f3f3f3}img{max-width:100%}.note{background:#fff6d6;padding:.5em}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(DEFINITIONS)}</p>{warn}"
+        f"<h2>Per variant</h2>{table(VARIANT_COLUMNS, vrows)}<h2>Per point</h2>{table(POINT_COLUMNS, prows)}"
+        f"{imgs}</body></html>\n"
+    )
+
+
+def log_to_wandb(out: Path, vrows, prows, project: str, name: str, group: str) -> None:
+    """The two tables, the plots and report.html as one wandb run in the sweep's group."""
+    import wandb
+
+    from dsinstab.tracking import wandb_mode
+
+    run = wandb.init(
+        project=project,
+        name=name,
+        group=group,
+        dir=str(out),
+        mode=wandb_mode(),
+        settings=wandb.Settings(init_timeout=60, console="off"),
+    )
+
+    def table(cols, rows):
+        return wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
+
+    run.log(
+        {"lr_sensitivity": table(VARIANT_COLUMNS, vrows), "points": table(POINT_COLUMNS, prows)}
+        | {p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
+        | {"report": wandb.Html((out / "report.html").read_text())}
+    )
+    run.finish()
