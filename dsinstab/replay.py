@@ -203,9 +203,17 @@ def start_branch(run, branch: Branch, source: BranchSource) -> str:
     opt = run.engine.optimizer
     # ZeRO-1/2 load the saved loss scaler with the optimizer: another precision keeps its own
     own_scaler = {k: getattr(opt, k) for k in ("loss_scaler", "dynamic_loss_scale") if hasattr(opt, k)}
-    restore(run, source.checkpointer.load(source.tag))
+    other_precision = source.spec["source_precision"] != precision(run.cfg.ds_config)
+    if other_precision:  # ZeRO's optimizer files are named bf16_zero_pp_rank_* in bf16 only
+        saved_bf16, prefix = source.spec["source_precision"] == "bf16", run.engine._get_zero_ckpt_prefix
+        run.engine._get_zero_ckpt_prefix = lambda dp_rank, bf16_mode: prefix(dp_rank, bf16_mode=saved_bf16)
+    try:
+        restore(run, source.checkpointer.load(source.tag))
+    finally:
+        if other_precision:
+            del run.engine._get_zero_ckpt_prefix  # the engine's own method again
     changed = apply_optimizer_config(run.engine, run.cfg.trainer)
-    if source.spec["source_precision"] != precision(run.cfg.ds_config):
+    if other_precision:
         for key, value in own_scaler.items():
             setattr(opt, key, value)
         changed.append(f"precision {source.spec['source_precision']} -> {precision(run.cfg.ds_config)}")
