@@ -170,6 +170,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="delete an existing run directory of the same name"
     )
     p.add_argument(
+        "--branch",
+        default=None,
+        metavar="RUN/checkpoints/TAG",
+        help="start this new run from another run's checkpoint (weights, Adam moments, step, data "
+        "position, schedule) with this run's config; see docs/forensics.md (default: start fresh)",
+    )
+    p.add_argument(
+        "--intervene",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SPEC",
+        help="with --branch: skip=FIRST-LAST (leave out those steps' batches), reshuffle=K (another "
+        "batch order), reset_adam (zero Adam's moments)",
+    )
+    p.add_argument(
+        "--stop_at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="with --branch: finish at this step; the lr schedule still spans trainer.max_steps",
+    )
+    p.add_argument(
         "--local_rank", type=int, default=None, help=argparse.SUPPRESS
     )  # set by the deepspeed launcher
     return p.parse_args(argv)
@@ -273,6 +296,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     from dsinstab.model import build_model, count_parameters
     from dsinstab.overflow import overflow_plugins
     from dsinstab.plugins import Plugins
+    from dsinstab.replay import Branch, open_branch, start_branch
     from dsinstab.run_state import restore
     from dsinstab.spikes import SpikeMonitor
     from dsinstab.tracking import NullSink, open_sink
@@ -300,6 +324,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     layout = data_layout(cfg, world, Path(data.cache_path).name)
     checkpointer = Checkpointer(engine, run_dir, t.keep_checkpoints, rank == 0, layout)
     tag = checkpointer.resolve(args.resume) if args.resume else None  # refuses a changed data layout
+    source = open_branch(args, engine, cfg, layout)  # None unless --branch; refuses what cannot apply
     say(
         f"model: {m.arch}, {n_params / 1e6:.2f}M parameters; {precision(cfg.ds_config)}, "
         f"ZeRO-{cfg.ds_config.get('zero_optimization', {}).get('stage', 0)}, {world} rank(s)"
@@ -317,6 +342,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
         model.config.save_pretrained(run_dir / "hf")  # zero_to_fp32.py can write weights beside it
         data.save_tokenizer(run_dir / "hf")  # so the converted model can decode the spiking batch
     dist.barrier()
+    branch = Branch()  # inert unless this run is a branch (then its state, checkpointed, says how)
     run = loop.Run(
         cfg=cfg,
         engine=engine,
@@ -329,6 +355,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
             [
                 Diagnostics(t.diagnostics, model, engine, t.adam_eps, t.adam_beta2),
                 *overflow_plugins(t, model, engine),
+                branch,
             ]
         ),
         sink=NullSink(),
@@ -343,6 +370,8 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
         restore(run, checkpointer.load(tag))
         run.sink.rewind(run.step, events=True)  # what came after the checkpoint is logged again
         say(f"resumed from {tag} at step {run.step}")
+    if source:
+        say(start_branch(run, branch, source))
     loop.write_status(run, "running", None)
     say(f"run directory: {run_dir}  (ready in {time.time() - t_start:.1f}s)")
     try:
