@@ -293,6 +293,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     from dsinstab.data import BatchOrder, prepare_data
     from dsinstab.diagnostics import Diagnostics
     from dsinstab.engine import build_engine
+    from dsinstab.mitigations import mitigation_plugins
     from dsinstab.model import build_model, count_parameters
     from dsinstab.overflow import overflow_plugins
     from dsinstab.plugins import Plugins
@@ -355,6 +356,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
             [
                 Diagnostics(t.diagnostics, model, engine, t.adam_eps, t.adam_beta2),
                 *overflow_plugins(t, model, engine),
+                *mitigation_plugins(t, model, engine),
                 branch,
             ]
         ),

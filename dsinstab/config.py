@@ -97,6 +97,26 @@ class OverflowConfig:
 
 
 @dataclass
+class MitigationsConfig:
+    zclip_z: float = param(
+        0.0, "ZClip: clip the grad norm at the EMA mean + zclip_z * EMA std of earlier norms (0 = off; 2.5 in the paper)", ge=0
+    )
+    zclip_alpha: float = param(0.97, "ZClip: EMA smoothing of the grad norm's mean and variance", gt=0, le=1)
+    skip_step_sigma: float = param(
+        0.0,
+        "skip an update whose loss or grad norm is this many std above the mean of the window (0 = off; 6 in OLMo-core)",
+        ge=0,
+    )
+    skip_step_window: int = param(128, "skip-step: the steps in its rolling mean and std", ge=2)
+    update_clip: bool = param(False, "StableAdamW: scale each tensor's step by 1 / max(1, RMS(g^2 / v))")
+    qk_clip_tau: float = param(
+        0.0,
+        "QK-clip: after a step, rescale the query/key weights of each head whose max attention logit passed this (0 = off; 100 in Kimi K2)",
+        ge=0,
+    )
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = param(400, "optimizer steps to train for (skipped fp16 steps count)", ge=1)
     lr: float = param(3e-3, "peak learning rate of AdamW", gt=0, le=10)
@@ -125,6 +145,7 @@ class TrainerConfig:
     inject: InjectConfig = param(InjectConfig(), "a deliberate fault, for trying detectors")
     diagnostics: DiagnosticsConfig = param(DiagnosticsConfig(), "probes that explain a spike")
     overflow: OverflowConfig = param(OverflowConfig(), "overflow anatomy: where a non-finite value started")
+    mitigations: MitigationsConfig = param(MitigationsConfig(), "mitigations from the literature, one key each")
 
 
 @dataclass
@@ -140,6 +161,10 @@ class ModelConfig:
     tie_embeddings: bool = param(True, "share the input embedding and the output head")
     embedding_scale: float = param(1.0, "multiply the embedding output by this", gt=0)
     attn_implementation: str = param("sdpa", "attention kernel", choices=("sdpa", "eager"))
+    attn_softcap: float = param(
+        0.0, "Gemma 2: attention logits become c * tanh(logit / c) (0 = off; 50 in Gemma 2; replaces attn_implementation)", ge=0
+    )
+    logit_softcap: float = param(0.0, "Gemma 2: output logits become c * tanh(logit / c) (0 = off; 30 in Gemma 2)", ge=0)
 
 
 @dataclass
@@ -330,6 +355,12 @@ def load_config(
     for section in SECTIONS:
         check(getattr(cfg, section), _source_of(config_dir, section, preset, overrides), section)
     check_consistency(cfg, _source_of(config_dir, "model", preset, overrides))
+    if cfg.trainer.mitigations.qk_clip_tau and cfg.model.arch == "qwen3":
+        where = _source_of(config_dir, "trainer", preset, overrides)
+        raise ConfigError(
+            f"{where}: trainer.mitigations.qk_clip_tau needs model.arch llama or gpt2 (qwen3's qk-norm "
+            "normalises each head's queries and keys, so scaling their weights cannot move its logits)."
+        )
     unknown = [p for p in cfg.trainer.diagnostics.probes.split(",") if p.strip() not in PROBES]
     if unknown:
         where = _source_of(config_dir, "trainer", preset, overrides)
@@ -495,6 +526,13 @@ def resolve_ds_config(raw: dict, path: str | Path, cfg: RunConfig, world_size: i
             if key not in ZERO_AUTO:
                 raise ConfigError(f'{path}: zero_optimization.{key} cannot be "auto"; give a value.')
             zero[key] = ZERO_AUTO[key](cfg.model.d_model)
+    mitigations = cfg.trainer.mitigations
+    if stage == 3 and (mitigations.qk_clip_tau or mitigations.update_clip):
+        key = "qk_clip_tau" if mitigations.qk_clip_tau else "update_clip"
+        raise ConfigError(
+            f"{path}: trainer.mitigations.{key} needs ZeRO stage 0, 1 or 2 (ZeRO-3 partitions each "
+            "weight across ranks and dsinstab cannot yet change or measure one head or tensor there)."
+        )
     leftover = [k for k, v in ds.items() if v == "auto"]
     if leftover:
         raise ConfigError(f'{path}: {leftover[0]} cannot be "auto" here; give a value.')

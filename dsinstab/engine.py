@@ -143,13 +143,26 @@ def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict, cor
     """
     if precision(ds_config) == "fp16":
         allow_cpu_fp16()
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tc),
-        lr=tc.lr,
-        betas=(tc.adam_beta1, tc.adam_beta2),
-        eps=tc.adam_eps,
-        foreach=True,
-    )
+    from dsinstab.mitigations import uses_mitigated_optimizer  # (mitigations reads the engine)
+
+    if uses_mitigated_optimizer(tc.mitigations):  # skip-step, update clipping: inside the update
+        from dsinstab.optim import MitigatedAdamW
+
+        optimizer = MitigatedAdamW(
+            param_groups(model, tc),
+            lr=tc.lr,
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_eps,
+            update_clip=tc.mitigations.update_clip,
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            param_groups(model, tc),
+            lr=tc.lr,
+            betas=(tc.adam_beta1, tc.adam_beta2),
+            eps=tc.adam_eps,
+            foreach=True,
+        )
 
     def schedule(opt):
         return get_cosine_with_min_lr_schedule_with_warmup(

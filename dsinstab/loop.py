@@ -64,6 +64,7 @@ class Run:
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     stop_requested: bool = False
     step_indices: list = field(default_factory=list)  # this rank's blocks of the step, per micro batch
+    step_losses: torch.Tensor | None = None  # this rank's (ce, z-loss) of the step, before its update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,13 +90,14 @@ def train_step(run: Run, ctx) -> tuple[torch.Tensor, float]:
             plugins.observe_logits(logits)
             loss, parts = lm_loss(logits, batch[:, 1:], run.cfg.trainer.z_loss)
             engine.backward(loss)
+        total += torch.stack([parts["ce"], parts.get("z_loss", parts["ce"] * 0)]).float()
         if micro == gas - 1:  # the accumulation boundary: engine.step() below applies the update
             norm_before = eng.grads_norm(run.model) if eng.needs_pre_step_norm(engine) else None
+            run.step_losses = total / gas  # skip-step judges the step's loss before its update
             plugins.before_step()
         step_engine(engine)
-        total += torch.stack([parts["ce"], parts.get("z_loss", parts["ce"] * 0)]).float()
     plugins.after_step()
-    return total / gas, eng.grad_norm(engine, run.model, norm_before)
+    return run.step_losses, eng.grad_norm(engine, run.model, norm_before)
 
 
 def step_engine(engine) -> None:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AttentionInterface,
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from dsinstab.config import ModelConfig
 
@@ -62,12 +69,53 @@ class EmbeddingScale:
         return output if self.factor == 1.0 else output * self.factor
 
 
+SOFTCAP_ATTENTION = "dsinstab_softcap"
+
+
+def softcapped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Gemma 2's attention: the logits ``q·kᵀ·scaling`` become ``c·tanh(logit / c)`` before the mask
+    and the softmax. Registered with ``transformers``' ``AttentionInterface`` (sdpa has no place for
+    it) with the eager mask; the cap is the attention module's ``dsinstab_attn_softcap``."""
+    cap = module.dsinstab_attn_softcap
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: one key head serves several queries
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.tanh(torch.matmul(query, key.transpose(-1, -2)) * (scaling / cap)) * cap
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class LogitSoftcap:
+    """Forward hook on the output head: logits become ``c·tanh(logit / c)`` (Gemma 2), so the loss,
+    evaluation and the probes all see the capped logits; computed in fp32, returned in the head's dtype."""
+
+    def __init__(self, module: torch.nn.Module, cap: float):
+        self.cap = cap
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module, args, output):
+        return (torch.tanh(output.float() / self.cap) * self.cap).to(output.dtype)
+
+
 def build_model(mc: ModelConfig, vocab_size: int, eos_id: int, seed: int) -> PreTrainedModel:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(
-        hf_config(mc, vocab_size, eos_id), attn_implementation=mc.attn_implementation
-    )
+    implementation = mc.attn_implementation
+    if mc.attn_softcap:
+        AttentionInterface.register(SOFTCAP_ATTENTION, softcapped_attention)
+        AttentionMaskInterface.register(SOFTCAP_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+        implementation = SOFTCAP_ATTENTION
+    model = AutoModelForCausalLM.from_config(hf_config(mc, vocab_size, eos_id), attn_implementation=implementation)
+    if mc.attn_softcap:
+        for module in model.modules():
+            if hasattr(module, "layer_idx"):  # the attention modules (and some blocks: harmless)
+                module.dsinstab_attn_softcap = mc.attn_softcap
     model.embedding_scale = EmbeddingScale(model.get_input_embeddings(), mc.embedding_scale)
+    if mc.logit_softcap:
+        model.logit_softcap = LogitSoftcap(model.get_output_embeddings(), mc.logit_softcap)
     return model
 
 

@@ -1,0 +1,131 @@
+"""torch's AdamW with two mitigations inside its update: skip-step and update clipping.
+
+DeepSpeed's ZeRO and fp16/bf16 wrappers compute the global grad norm, unscale and clip, then call
+the client optimizer's ``step()`` on the fp32 master copies (whole tensors without ZeRO, flat
+partitions of a param group with ZeRO 1/2, once per group). The only place that sees the step's
+grad norm *before* the update is applied is therefore that ``step()``: :class:`MitigatedAdamW`
+asks a gate for a factor there (1: apply, 0: skip, a tensor on the device, so no host sync) and
+multiplies every change by it, as OLMo-core's skip-step optimizers do.
+
+Update clipping (StableAdamW, Wortsman et al. 2023, arXiv:2304.13013) scales each tensor's step by
+``1 / max(1, RMS_t)``, ``RMS_t = sqrt(mean(g_t^2 / max(v̂_t, eps^2)))``, with ``v̂_t`` the
+bias-corrected second moment that already includes ``g_t``; the decoupled weight decay is scaled
+with it (the paper's ``eta_t``). A "tensor" is a model parameter: on ZeRO's flat partitions the
+sums run per parameter fragment and are added up across ranks (:class:`Segments`).
+
+Only built when a run asks for either (``build_engine``): otherwise the engine gets torch's AdamW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import deepspeed.comm as dist
+import torch
+from deepspeed.runtime.zero import utils as zero_utils
+
+
+@dataclass
+class Segments:
+    """How a flat fp32 partition splits into parameters: ``lengths`` of consecutive runs (padding
+    included), ``index`` of each run's parameter (``n_params`` for padding), ``numel`` of each
+    parameter (+1 slot for padding) — the per-tensor RMS adds up each parameter's runs."""
+
+    lengths: torch.Tensor
+    index: torch.Tensor
+    numel: torch.Tensor
+    n_params: int
+    reduce: bool  # a parameter's fragments live on several ranks: all-reduce the sums
+
+
+class MitigatedAdamW(torch.optim.AdamW):
+    """AdamW (torch's arithmetic and state keys: ``step``, ``exp_avg``, ``exp_avg_sq``) whose update
+    a gate can skip and whose per-tensor step can be bounded.
+
+    ``gate``: called once per ``step()`` call, returns a 0-d float tensor, 1.0 to apply and 0.0 to
+    skip; a skipped step leaves weights, moments and Adam's step count exactly as they were.
+    ``segments``: maps a flat partition to its :class:`Segments` (ZeRO), ``None`` for whole tensors.
+    After each ``step()``, :attr:`clip_stats` holds (largest per-tensor RMS, tensors scaled down).
+    """
+
+    def __init__(
+        self, params, *, lr: float, betas: tuple[float, float], eps: float, update_clip: bool = False
+    ):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
+        self.update_clip = update_clip
+        self.gate: Callable[[], torch.Tensor] | None = None
+        self.segments: Callable[[torch.Tensor], Segments | None] | None = None
+        self.clip_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise NotImplementedError("MitigatedAdamW takes no closure")
+        factor = self.gate() if self.gate is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group, factor)
+        return None
+
+    def _update(self, p: torch.Tensor, group: dict, factor: torch.Tensor | None) -> None:
+        g, state = p.grad, self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if state["step"].device != p.device:  # torch's load_state_dict keeps a loaded step on the CPU
+            state["step"] = state["step"].to(p.device)
+        step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+        (b1, b2), lr, wd, eps = group["betas"], group["lr"], group["weight_decay"], group["eps"]
+        if factor is None:
+            step += 1
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            rate = torch.full((), lr, device=p.device)
+        else:  # every change times the factor: with 0, each tensor stays bit for bit
+            step += factor
+            m.lerp_(g, factor * (1 - b1))
+            v.mul_(1 - factor * (1 - b2)).addcmul_(g, g * (factor * (1 - b2)))
+            rate = factor * lr
+        t = step.clamp(min=1)  # a skipped first step leaves step 0: keep the corrections finite
+        bc1, bc2_sqrt = 1 - b1**t, (1 - b2**t).sqrt()
+        denom = (v.sqrt() / bc2_sqrt).add_(eps)
+        if self.update_clip:
+            rate = rate * self._clip_scale(p, g, v, bc2_sqrt**2, eps)
+        p.mul_(1 - rate * wd)
+        p.sub_(m / bc1 / denom * rate)
+
+    def _clip_scale(self, p, g, v, bc2, eps: float) -> torch.Tensor:
+        """1 / max(1, RMS(g^2 / max(v̂, eps^2))) of each tensor: a scalar for a whole tensor, one
+        value per element of a flat ZeRO partition."""
+        ratio = g.float().square() / (v / bc2).clamp(min=eps * eps)
+        seg = self.segments(p) if self.segments is not None else None
+        if seg is None:
+            rms = ratio.mean().sqrt()
+            self._count(rms.unsqueeze(0))
+            return 1 / rms.clamp(min=1)
+        sums = torch.segment_reduce(ratio.flatten(), "sum", lengths=seg.lengths)
+        totals = torch.zeros(seg.n_params + 1, dtype=sums.dtype, device=p.device).index_add_(
+            0, seg.index, sums
+        )
+        if seg.reduce:
+            dist.all_reduce(totals)
+        rms = (totals / seg.numel).sqrt()
+        self._count(rms[: seg.n_params][seg.numel[: seg.n_params] > 0])
+        scale = (1 / rms.clamp(min=1))[seg.index]
+        return scale.repeat_interleave(seg.lengths, output_size=p.numel()).view_as(p)
+
+    def _count(self, rms: torch.Tensor) -> None:
+        top, n = rms.max(), (rms > 1).sum()
+        if self.clip_stats is None:
+            self.clip_stats = (top, n)
+        else:
+            self.clip_stats = (torch.maximum(self.clip_stats[0], top), self.clip_stats[1] + n)
+
+
+# ZeRO refuses a client optimizer whose exact type it has not tested (`type(opt) in ...`); this is
+# torch's AdamW with the same state, so it is registered as DeepSpeed registers its own Muon.
+if MitigatedAdamW not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+    zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(MitigatedAdamW)

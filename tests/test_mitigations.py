@@ -1,0 +1,449 @@
+"""The mitigations (dsinstab/mitigations.py, dsinstab/optim.py, soft-capping in dsinstab/model.py).
+
+Engines are built in this process on one rank and trained with the loop's own ``train_step`` on
+random tokens; one launcher run on two ranks shows that the decisions are collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import deepspeed.comm as dist
+import pytest
+import torch
+
+from conftest import ROOT, TINY, TORCH_EXTENSIONS, assert_ok, ds_config, launch, python_train, train_rows
+from dsinstab import engine as eng
+from dsinstab import loop
+from dsinstab.config import ConfigError, ModelConfig, load_config, read_ds_config, resolve_ds_config
+from dsinstab.diagnostics import MasterCopies
+from dsinstab.lowp import compute_context
+from dsinstab.mitigations import ZCLIP_WARMUP, ZClip, client_optimizer, mitigation_plugins, set_grad_clip
+from dsinstab.model import build_model, softcapped_attention
+from dsinstab.optim import MitigatedAdamW
+from dsinstab.plugins import Plugins
+
+DS_CONFIGS = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A process group of one rank for the in-process engines; its environment is undone after."""
+    saved = dict(os.environ)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)
+    created = not dist.is_initialized()
+    eng.init_distributed(lambda msg: None)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    yield
+    if created:
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+class Blocks:
+    """Random tokens where the loop reads its packed data (``blocks(split, indices)``)."""
+
+    def __init__(self, cfg, n: int = 64):
+        g = torch.Generator().manual_seed(1)
+        self.n = n
+        self.tokens = torch.randint(0, cfg.dataset.vocab_size, (n, cfg.model.seq_len + 1), generator=g)
+
+    def blocks(self, split: str, indices: torch.Tensor) -> torch.Tensor:
+        return self.tokens[indices]
+
+
+class Order:
+    def __init__(self, micro_batch: int, n: int = 64, repeat: bool = False):
+        self.position, self.mb, self.n, self.repeat = 0, micro_batch, n, repeat
+
+    def next(self) -> torch.Tensor:
+        start = 0 if self.repeat else self.position * self.mb
+        self.position += 1
+        return torch.arange(start, start + self.mb) % self.n
+
+
+class Tiny:
+    """conftest.TINY's model in an engine of ``ds`` with the mitigation plug-in, stepped by
+    ``loop.train_step`` exactly as a run steps it."""
+
+    def __init__(self, ds: str, *overrides: str, repeat: bool = False):
+        cfg = load_config(ROOT / "configs", [*TINY, *overrides])
+        path = ds if ds.endswith(".json") else ROOT / "ds_configs" / f"{ds}.json"
+        cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
+        t, vocab = cfg.trainer, cfg.dataset.vocab_size
+        self.model = build_model(cfg.model, vocab, vocab - 1, t.seed)
+        self.engine = eng.build_engine(self.model, t, cfg.ds_config)
+        found = mitigation_plugins(t, self.model, self.engine)
+        self.plugin = found[0] if found else None
+        self.run = loop.Run(
+            cfg=cfg,
+            engine=self.engine,
+            model=self.model,
+            data=Blocks(cfg),
+            order=Order(t.micro_batch_size, repeat=repeat),
+            monitor=None,
+            checkpointer=None,
+            sink=None,
+            plugins=Plugins(found),
+            run_dir=None,
+            rank=0,
+            world=1,
+        )
+        self.run.plugins.bind(self.run)
+        self.ctx = compute_context(self.engine)
+
+    def train(self, steps: int, spike_at: tuple = ()) -> list[dict]:
+        """``spike_at``: steps whose output logits are multiplied by 4, a fault that makes the loss
+        and the grad norm jump (x4 the grad norm, +0.3 the loss of the tiny model)."""
+        rows = []
+        for _ in range(steps):
+            self.run.step += 1
+            self.run.plugins.begin_step(self.run.step)
+            head = self.model.get_output_embeddings()
+            spike = (
+                head.register_forward_hook(lambda m, a, out: out * 4) if self.run.step in spike_at else None
+            )
+            losses, norm = loop.train_step(self.run, self.ctx)
+            if spike is not None:
+                spike.remove()
+            rows.append(
+                {
+                    "step": self.run.step,
+                    "loss": float(losses.sum()),
+                    "grad_norm": norm,
+                    **self.run.plugins.collect(),
+                }
+            )
+        return rows
+
+    def snapshot(self, moments: bool = True) -> dict[str, torch.Tensor]:
+        """Master weights, Adam moments (after a first step) and the module's own weights, by name."""
+        copies, out = MasterCopies(self.engine), {}
+        for n, p in self.model.named_parameters():
+            out[f"master/{n}"] = copies.weights(p, keep=True).clone()
+            out[f"module/{n}"] = p.detach().clone()
+            for key in ("exp_avg", "exp_avg_sq") if moments else ():
+                out[f"{key}/{n}"] = copies.state(p, key).clone()
+        return out
+
+    def adam_steps(self) -> float:
+        return next(float(s["step"]) for s in client_optimizer(self.engine).state.values())
+
+
+def applied_norms(engine) -> dict[int, float]:
+    """The norm of the gradients the client optimizer receives, by step (ZeRO 1/2 call it once per
+    param group, ZeRO-3 once per sub-group: the squares add up)."""
+    out: dict[int, float] = {}
+    opt = client_optimizer(engine)
+
+    def hook(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        step = engine.global_steps + 1
+        out[step] = out.get(step, 0.0) + sum(float(g.double().pow(2).sum()) for g in grads)
+
+    opt.register_step_pre_hook(hook)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ZClip
+
+
+def test_zclip_clips_exactly_when_the_norm_passes_the_ema_threshold():
+    z = ZClip(z=2.5, alpha=0.97, base_clip=0.0)
+    norms = [1.0 + 0.1 * math.sin(i) for i in range(ZCLIP_WARMUP)]
+    for n in norms:
+        assert z.clip() == 0.0 and not z.observe(n)  # warm-up: trainer.grad_clip (0: none)
+    mean = sum(norms) / len(norms)
+    std = math.sqrt(sum((x - mean) ** 2 for x in norms) / len(norms))
+    assert z.threshold() == pytest.approx(mean + 2.5 * std)
+    below = z.threshold() * 0.999
+    assert not z.observe(below)
+    threshold = z.threshold()
+    assert z.clip() == threshold
+    assert z.observe(threshold * 10)  # a spike: clipped, and the EMA takes the clipped value
+    m1 = 0.97 * (0.97 * mean + 0.03 * below) + 0.03 * threshold
+    assert z.mean == pytest.approx(m1)
+    assert ZClip(2.5, 0.97, base_clip=0.5).clip() == 0.5
+    state = z.state_dict()
+    again = ZClip(2.5, 0.97, 0.0)
+    again.load_state_dict(state)
+    assert again.threshold() == z.threshold() and again.observe(5.0) == z.observe(5.0)
+
+
+@pytest.mark.parametrize("ds", [*DS_CONFIGS, "zero0_fp32"])
+def test_the_clip_set_before_the_step_is_the_one_applied_and_the_gate_sees_the_norm(ds, one_rank, tmp_path):
+    """On every shipped ds_config (and fp32 without ZeRO, the bare torch optimizer): the value
+    set_grad_clip hands DeepSpeed is the norm the optimizer receives, and the grad norm skip-step
+    judges inside the step is the run's reported one (unscaled, before clipping)."""
+    if ds == "zero0_fp32":
+        ds = ds_config(tmp_path, "zero0_bf16", bf16={"enabled": False})
+    tiny = Tiny(ds, "trainer.grad_clip=0", "trainer.mitigations.skip_step_sigma=6")
+    seen = applied_norms(tiny.engine)
+    for step, clip in ((1, 1e-3), (2, 0.0)):
+        set_grad_clip(tiny.engine, clip)
+        row = tiny.train(1)[0]
+        applied = math.sqrt(seen[step])
+        assert tiny.plugin.skip.hist[1, tiny.plugin.skip.count - 1].item() == pytest.approx(
+            row["grad_norm"], rel=1e-6
+        )
+        assert applied == pytest.approx(clip or row["grad_norm"], rel=1e-4)
+
+
+def test_zclip_in_a_run_clips_a_spike_at_its_threshold(one_rank):
+    tiny = Tiny("zero2_bf16", "trainer.grad_clip=0", "trainer.mitigations.zclip_z=2.5")
+    seen = applied_norms(tiny.engine)
+    rows = tiny.train(ZCLIP_WARMUP + 2, spike_at=(ZCLIP_WARMUP + 2,))
+    assert all("mitig/zclip_threshold" not in r for r in rows[:ZCLIP_WARMUP])
+    calm, spike = rows[-2], rows[-1]
+    assert calm["mitig/zclip_clipped"] == 0 and calm["grad_norm"] < calm["mitig/zclip_threshold"]
+    assert spike["mitig/zclip_clipped"] == 1 and spike["grad_norm"] > spike["mitig/zclip_threshold"]
+    assert math.sqrt(seen[spike["step"]]) == pytest.approx(spike["mitig/zclip_threshold"], rel=1e-4)
+    assert math.sqrt(seen[calm["step"]]) == pytest.approx(calm["grad_norm"], rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Skip-step
+
+
+@pytest.mark.parametrize("ds", ["zero0_fp16", "zero2_bf16"])
+def test_a_skipped_step_leaves_weights_and_adam_moments_unchanged(ds, one_rank):
+    tiny = Tiny(ds, "trainer.mitigations.skip_step_sigma=6", "trainer.mitigations.skip_step_window=8")
+    rows = tiny.train(9)
+    assert [r["mitig/skip_step"] for r in rows] == [0] * 9
+    before, lr, adam = tiny.snapshot(), eng.current_lr(tiny.engine), tiny.adam_steps()
+    spike = tiny.train(1, spike_at=(10,))[0]
+    assert not eng.overflowed(tiny.engine)  # skipped by the mitigation, not by an fp16 overflow
+    assert spike["mitig/skip_step"] == 1 and spike["mitig/skipped_steps"] == 1
+    after = tiny.snapshot()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed[:5]
+    assert tiny.adam_steps() == adam == 9
+    assert eng.current_lr(tiny.engine) != lr  # the schedule counts on, as in OLMo-core
+    calm = tiny.train(1)[0]
+    assert calm["mitig/skip_step"] == 0 and calm["mitig/skipped_steps"] == 1
+    assert tiny.adam_steps() == 10
+    assert not torch.equal(tiny.snapshot()["master/model.norm.weight"], after["master/model.norm.weight"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Update clipping
+
+
+def test_update_clipping_equals_a_hand_computed_step():
+    torch.manual_seed(0)
+    lr, (b1, b2), eps, wd = 0.1, (0.9, 0.95), 1e-8, 0.1
+    w0 = [torch.randn(4, 3), torch.randn(5)]
+    grads = [[torch.randn(4, 3) * 0.01, torch.randn(5)], [torch.randn(4, 3) * 3, torch.randn(5) * 1e-3]]
+    params = [w.clone().requires_grad_() for w in w0]
+    opt = MitigatedAdamW(
+        [{"params": params, "weight_decay": wd}], lr=lr, betas=(b1, b2), eps=eps, update_clip=True
+    )
+    plain = [w.clone().requires_grad_() for w in w0]
+    ref = torch.optim.AdamW([{"params": plain, "weight_decay": wd}], lr=lr, betas=(b1, b2), eps=eps)
+    plain_ours = [w.clone().requires_grad_() for w in w0]
+    ours = MitigatedAdamW([{"params": plain_ours, "weight_decay": wd}], lr=lr, betas=(b1, b2), eps=eps)
+    w = [x.double() for x in w0]
+    m = [torch.zeros_like(x) for x in w]
+    v = [torch.zeros_like(x) for x in w]
+    rms_of = [0.0, 0.0]
+    for t, gs in enumerate(grads, start=1):
+        for i, g in enumerate(gs):
+            params[i].grad, plain[i].grad, plain_ours[i].grad = g.clone(), g.clone(), g.clone()
+            g = g.double()
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            v_hat = v[i] / (1 - b2**t)
+            rms = (g * g / v_hat.clamp(min=eps**2)).mean().sqrt()
+            rms_of[i] = rms
+            eta = lr / max(1.0, float(rms))
+            w[i] = w[i] * (1 - eta * wd) - eta * (m[i] / (1 - b1**t)) / (v_hat.sqrt() + eps)
+        opt.clip_stats = None
+        opt.step()
+        ref.step()
+        ours.step()
+    # step 2: tensor 0's gradient jumped 300x against its v (clipped), tensor 1's fell (not clipped)
+    assert float(opt.clip_stats[1]) == 1
+    assert float(opt.clip_stats[0]) == pytest.approx(float(rms_of[0]), rel=1e-5)
+    for i in range(2):
+        assert torch.allclose(params[i].double(), w[i], rtol=1e-6, atol=1e-7)
+        assert torch.allclose(plain_ours[i], plain[i], rtol=1e-6, atol=1e-7)  # off: torch's AdamW
+    assert not torch.allclose(params[0], plain[0], rtol=1e-3)
+
+
+def test_update_clipping_is_per_tensor_on_zero2_partitions_as_on_zero0(one_rank):
+    """ZeRO-2 steps one flat partition per param group; the RMS still runs per parameter. Without
+    update clipping the two train bit for bit alike; with it, after step 2 (the first with clipped
+    tensors) they agree to the rounding of the RMS sums (measured: 6e-8). Later steps drift apart
+    further through fp16 rounding and the elements where v is near eps, so two steps are compared."""
+    runs = [
+        Tiny(ds, "trainer.mitigations.update_clip=true", "trainer.lr=0.05")
+        for ds in ("zero0_fp16", "zero2_fp16")
+    ]
+    rows = [r.train(2) for r in runs]
+    assert [r["mitig/update_clipped_tensors"] for r in rows[0]] == [0, 7]
+    assert [r["mitig/update_clipped_tensors"] for r in rows[1]] == [0, 7]
+    assert rows[0][1]["mitig/update_rms_max"] == pytest.approx(rows[1][1]["mitig/update_rms_max"], rel=1e-6)
+    s0, s2 = (r.snapshot() for r in runs)
+    for k in s0:
+        if k.startswith("master/"):
+            assert torch.allclose(s0[k], s2[k], rtol=0, atol=1e-6), k
+
+
+# ---------------------------------------------------------------------------------------------
+# QK-clip
+
+
+@pytest.mark.parametrize("ds, arch", [("zero0_fp16", "llama"), ("zero2_bf16", "gpt2")])
+def test_qk_clip_rescales_exactly_the_heads_over_tau(ds, arch, one_rank):
+    # step 1 runs at lr 0 (warm-up): only QK-clip changes the weights
+    tiny = Tiny(ds, f"model.arch={arch}", "trainer.mitigations.qk_clip_tau=1", repeat=True)
+    qk = tiny.plugin.qk
+    batch = tiny.run.data.blocks("train", tiny.run.order.next())[:, :-1]
+    tiny.run.order.position = 0
+
+    def maxima() -> torch.Tensor:
+        with tiny.ctx:
+            tiny.engine(input_ids=batch.to(tiny.engine.device))
+        return qk.reduced(tiny.engine.device)
+
+    first = maxima()
+    tau = float(first.flatten().median())
+    qk.tau = tau
+    before = tiny.snapshot(moments=False)
+    row = tiny.train(1)[0]
+    over = first > tau
+    assert row["mitig/qk_clipped_heads"] == int(over.sum()) > 0
+    assert row["mitig/qk_logit_max"] == pytest.approx(float(first.max()), rel=1e-6)
+    after = tiny.snapshot(moments=False)
+    for layer, targets in qk.targets.items():
+        hd = qk.head_dim[layer]
+        for param, dim, starts in targets:
+            name = next(n for n, p in tiny.model.named_parameters() if p is param)
+            w0, w1 = before[f"master/{name}"], after[f"master/{name}"]
+            for h in range(qk.n_heads):
+                s = math.sqrt(tau / float(first[layer, h])) if over[layer, h] else 1.0
+                for start in starts:
+                    rows = slice(start + h * hd, start + (h + 1) * hd)
+                    a, b = w0.narrow(dim, rows.start, hd), w1.narrow(dim, rows.start, hd)
+                    assert torch.allclose(b, a * s, rtol=1e-6, atol=0), (name, h)
+            module = dict(tiny.model.named_parameters())[name]
+            assert torch.equal(module.detach(), w1.to(module.dtype))  # the module holds the master's rounding
+    again = maxima()
+    assert float(again.max()) <= tau * 1.02  # bf16/fp16 weights: within their rounding
+    # the first layer's other heads keep their logits (later layers see the first one's new output)
+    assert torch.allclose(again[0][~over[0]], first[0][~over[0]])
+
+
+def test_qk_clip_is_refused_where_it_cannot_act(tmp_path):
+    with pytest.raises(ConfigError, match="qk_clip_tau needs model.arch llama or gpt2"):
+        load_config(ROOT / "configs", ["model.arch=qwen3", "trainer.mitigations.qk_clip_tau=100"])
+    cfg = load_config(ROOT / "configs", ["trainer.mitigations.update_clip=true"])
+    path = ROOT / "ds_configs" / "zero3_bf16.json"
+    with pytest.raises(
+        ConfigError, match=r"zero3_bf16.json: trainer.mitigations.update_clip needs ZeRO stage 0, 1 or 2"
+    ):
+        resolve_ds_config(read_ds_config(path), path, cfg, 1)
+    out = tmp_path / "runs"
+    proc = python_train(
+        "--ds_config", "zero3_bf16", "--set", *TINY, "trainer.mitigations.qk_clip_tau=100",
+        f"utils.output_dir={out}", f"utils.cache_dir={tmp_path / 'cache'}",
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "trainer.mitigations.qk_clip_tau needs ZeRO stage 0, 1 or 2" in errors[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft-capping
+
+
+def test_attention_softcap_bounds_the_logits_and_is_identity_for_small_ones():
+    class Attention(torch.nn.Module):
+        dsinstab_attn_softcap = 5.0
+
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    causal = torch.full((6, 6), -math.inf).triu(1)[None, None]
+    for size, expect_capped in ((1e-2, False), (1e3, True)):
+        out, weights = softcapped_attention(Attention().eval(), q * size, k, v, causal, scaling=0.5)
+        raw = (q * size) @ k.transpose(-1, -2) * 0.5
+        capped = 5.0 * torch.tanh(raw / 5.0)
+        assert float(capped.abs().max()) <= 5.0
+        assert torch.allclose(weights, torch.softmax(capped + causal, -1), atol=1e-6)
+        uncapped = torch.softmax(raw + causal, -1)
+        assert torch.allclose(weights, uncapped, atol=1e-5) != expect_capped
+        assert torch.allclose(out, (weights @ v).transpose(1, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gpt2"])
+def test_softcapped_models_bound_output_logits_and_match_when_logits_are_small(arch):
+    small = dict(arch=arch, n_layer=2, d_model=32, n_head=2, seq_len=16)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = build_model(ModelConfig(**small), 100, 99, seed=0)
+    capped = build_model(ModelConfig(**small, attn_softcap=50.0, logit_softcap=30.0), 100, 99, seed=0)
+    with torch.no_grad():
+        # c·tanh(x/c) = x - x³/(3c²) + ...: 1e-5 at these logits (~0.3)
+        assert torch.allclose(plain(input_ids=ids).logits, capped(input_ids=ids).logits, atol=1e-4)
+    big = build_model(ModelConfig(**small, init_std=2.0, logit_softcap=30.0), 100, 99, seed=0)
+    raw = build_model(ModelConfig(**small, init_std=2.0), 100, 99, seed=0)
+    with torch.no_grad():
+        assert float(raw(input_ids=ids).logits.abs().max()) > 30
+        assert float(big(input_ids=ids).logits.abs().max()) <= 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume, and two ranks
+
+
+def test_a_resumed_run_takes_the_decisions_of_the_unbroken_one(one_rank, tmp_path):
+    """The plug-in's state rides in DeepSpeed's client state: a run resumed at step 20 (ZClip still
+    gathering its first 25 norms) clips and skips at steps 21-32 exactly as the run that never
+    stopped."""
+    keys = ("trainer.mitigations.zclip_z=2.5", "trainer.mitigations.skip_step_sigma=6",
+            "trainer.mitigations.skip_step_window=16", "trainer.max_steps=32")  # fmt: skip
+    spikes = (30, 31)
+    unbroken = Tiny("zero2_bf16", *keys)
+    unbroken.train(20)
+    state = {"plugins": unbroken.run.plugins.state_dict(), "position": unbroken.run.order.position}
+    unbroken.engine.save_checkpoint(str(tmp_path), tag="t", client_state=state)
+    tail_unbroken = unbroken.train(12, spike_at=spikes)
+    resumed = Tiny("zero2_bf16", *keys)
+    _, client = resumed.engine.load_checkpoint(str(tmp_path), tag="t")
+    resumed.run.plugins.load_state_dict(client["plugins"])
+    resumed.run.order.position, resumed.run.step = client["position"], 20
+    tail = resumed.train(12, spike_at=spikes)
+    acted = [(r["step"], r["mitig/skip_step"], r.get("mitig/zclip_clipped")) for r in tail_unbroken]
+    assert (30, 1, 1) in acted, acted  # both acted on the first spike
+    assert tail == tail_unbroken
+
+
+def test_two_ranks_take_the_same_decisions(tmp_path, cache_dir):
+    """Skip-step judges the loss all-reduced over ranks and DeepSpeed's reduced grad norm, QK-clip
+    the logit maxima all-reduced. At sigma 1 on two ranks of ZeRO-2 several steps are skipped, and
+    each rank's optimizer shard counts the same applied steps (a rank judging its own loss would
+    skip others); QK-clip's collectives (the master weights of ZeRO-2 are gathered) line up."""
+    proc, run_dir = launch(
+        tmp_path, cache_dir,
+        "trainer.mitigations.skip_step_sigma=1", "trainer.mitigations.skip_step_window=4",
+        "trainer.mitigations.qk_clip_tau=0.2", "trainer.mitigations.update_clip=true",
+        ranks=2,
+    )  # fmt: skip
+    assert_ok(proc)
+    rows = {r["step"]: r for r in train_rows(run_dir)}
+    skipped = rows[12]["mitig/skipped_steps"]
+    assert skipped == sum(rows[s]["mitig/skip_step"] for s in range(1, 13)) > 0
+    assert sum(rows[s]["mitig/qk_clipped_heads"] for s in rows) > 0
+    assert all("mitig/update_clipped_tensors" in r for r in rows.values())
+    shards = sorted((run_dir / "checkpoints" / "step-12").glob("*optim_states.pt"))
+    assert len(shards) == 2
+    counts = []
+    for shard in shards:
+        sd = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        base = sd["base_optimizer_state"]
+        states = base["state"].values() if isinstance(base, dict) else base
+        counts.append({float(s["step"]) for s in states})
+    assert counts == [{12.0 - skipped}] * 2
