@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import json
 import math
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsinstab.cli import DEFAULT_DS_CONFIG, ROOT, add_set_argument, find_path, resolve
-from dsinstab.config import ConfigError, RunConfig, _read_yaml, _suggest
+from dsinstab.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
 
 TRAIN = ROOT / "scripts" / "train.py"
 SWEEP = ROOT / "scripts" / "sweep.py"
@@ -162,7 +163,7 @@ def load_grid(path: str | Path, out: str | Path | None = None) -> Grid:
             "mapping {} for the defaults), e.g. variants: {baseline: {}, qk_norm: {set: [model.arch=qwen3]}}."
         )
     # the common part alone first, so its error names `set` rather than a variant
-    base = _resolve(path, "set", config_dir, ds_default, preset_default, common)
+    base, _ = _resolve(path, "set", config_dir, ds_default, preset_default, common)
     out = Path(out) if out else Path(base.utils.output_dir).expanduser() / name
     # a progress bar per point fills the logs; the grid's own set may turn it back on
     head = ["utils.progress_bar=false", f"utils.wandb_group={name}"]
@@ -185,42 +186,32 @@ def load_grid(path: str | Path, out: str | Path | None = None) -> Grid:
         ds = _optional_str(spec.get("ds_config"), path, f"{where}.ds_config") or ds_default
         preset = _optional_str(spec.get("preset"), path, f"{where}.preset") or preset_default
         own = _overrides(spec.get("set"), path, f"{where}.set")
-        _resolve(path, where, config_dir, ds, preset, [*common, *own])
+        # YAML parsing is most of the cost: the variant's config once, then each point's own keys,
+        # which come last on train.py's command line too, so the result is what train.py resolves
+        vcfg, args = _resolve(path, where, config_dir, ds, preset, [*head, *common, *own])
+        paths = (
+            str(Path(args.config_dir).resolve()),
+            str(Path(args.ds_config).resolve()),
+            str(Path(args.preset).resolve()) if args.preset and Path(args.preset).exists() else args.preset,
+        )
         for lr in lrs:
             for seed in seeds:
                 pname = point_name(vname, lr, seed)
-                overrides = [
-                    *head,
-                    *common,
-                    *own,
+                own_keys = [
                     f"trainer.lr={lr!r}",
                     f"trainer.seed={seed}",
                     f"utils.output_dir={out.resolve()}",
                     f"utils.run_name={pname}",
                 ]
-                key = f"{where} at lr {lr:g}, seed {seed}"
-                args = argparse.Namespace(
-                    config_dir=config_dir, preset=preset, ds_config=ds, overrides=overrides
-                )
+                cfg = copy.deepcopy(vcfg)
                 try:
-                    cfg, _ = resolve(args, 1)
+                    for item in own_keys:
+                        apply_override(cfg, item)
+                    check(cfg.trainer, "--set", "trainer")
                 except ConfigError as e:
-                    raise _reworded(e, path, key) from None
+                    raise _reworded(e, path, f"{where} at lr {lr:g}, seed {seed}") from None
                 points.append(
-                    Point(
-                        vname,
-                        lr,
-                        seed,
-                        pname,
-                        out,
-                        str(Path(args.config_dir).resolve()),
-                        str(Path(args.ds_config).resolve()),
-                        str(Path(args.preset).resolve())
-                        if args.preset and Path(args.preset).exists()
-                        else args.preset,
-                        overrides,
-                        cfg,
-                    )
+                    Point(vname, lr, seed, pname, out, *paths, [*head, *common, *own, *own_keys], cfg)
                 )
     names = [p.name for p in points]
     if len(set(names)) != len(names):
@@ -232,10 +223,11 @@ def load_grid(path: str | Path, out: str | Path | None = None) -> Grid:
 
 def _resolve(
     path: Path, where: str, config_dir: str, ds: str, preset: str | None, overrides: list[str]
-) -> RunConfig:
+) -> tuple[RunConfig, argparse.Namespace]:
+    """cli.resolve, as train.py calls it for one rank; ``args`` comes back with the paths found."""
     args = argparse.Namespace(config_dir=config_dir, preset=preset, ds_config=ds, overrides=list(overrides))
     try:
-        return resolve(args, 1)[0]
+        return resolve(args, 1)[0], args
     except ConfigError as e:
         raise _reworded(e, path, where) from None
 

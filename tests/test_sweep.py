@@ -65,6 +65,15 @@ def test_bad_grid_is_refused_before_anything_is_written(tmp_path, capsys, change
     assert not out.exists()
 
 
+@pytest.mark.parametrize("grid", sorted(p.name for p in (ROOT / "configs" / "sweeps").glob("*.yaml")))
+def test_shipped_grids_resolve(tmp_path, grid):
+    """Every point of every shipped grid resolves as train.py would resolve it."""
+    g = sweep.load_grid(ROOT / "configs" / "sweeps" / grid, tmp_path / "out")
+    assert len(g.points) == len(g.lrs) * len(g.seeds) * len(g.variants)
+    if "lr" in grid:  # the LR sensitivity grids span the paper's range
+        assert g.lrs == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Points: what a rerun does with each, and the commands for a scheduler
 
