@@ -441,8 +441,8 @@ def log_to_wandb(out: Path, vrows, prows, project: str, name: str, group: str) -
         return wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
 
     run.log(
-        {"lr_sensitivity": table(VARIANT_COLUMNS, vrows), "points": table(POINT_COLUMNS, prows)}
-        | {p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
+        {"table/variants": table(VARIANT_COLUMNS, vrows), "table/points": table(POINT_COLUMNS, prows)}
+        | {f"plot/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
         | {"report": wandb.Html((out / "report.html").read_text())}
     )
     run.finish()
