@@ -7,10 +7,10 @@ metrics of the ``headroom`` probe and the ``overflow`` events (``dsinstab.overfl
 
 from __future__ import annotations
 
-import html
 import math
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -18,7 +18,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dsinstab.overflow import FP16_MAX  # noqa: E402
-from dsinstab.report import RunData  # noqa: E402
+from dsinstab.render import mark_top_edge, number, save_figure  # noqa: E402
+
+if TYPE_CHECKING:
+    from dsinstab.report import RunData  # report.py renders this module's table and plot
 
 ROWS = (
     ("headroom_act", "max |activation| / 65504"),
@@ -73,44 +76,12 @@ def overflow_table(runs: list[RunData]) -> list[dict]:
                 "started in": where(first) + (f", {first['tensor']}" if first.get("tensor") else "")
                 if first
                 else None,
-                "headroom before": _number(first.get("headroom_before")),
+                "headroom before": number(first.get("headroom_before")),
                 "loss scale": first.get("loss_scale"),
                 "train/overflow_first": ", ".join(f"{k} x{n}" for k, n in counts.most_common()) or None,
             }
         )
     return rows
-
-
-def _number(v) -> float | None:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if math.isfinite(v) else str(v)
-    return str(v)
-
-
-def overflow_markdown(rows: list[dict]) -> str:
-    """The table as Markdown, for report.md."""
-    lines = ["| " + " | ".join(OVERFLOW_COLUMNS) + " |", "|" + "---|" * len(OVERFLOW_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in OVERFLOW_COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def overflow_html(rows: list[dict]) -> str:
-    """The table as an HTML ``<table>``, for report.html."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in OVERFLOW_COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in OVERFLOW_COLUMNS) + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,20 +111,12 @@ def headroom_plot(runs: list[RunData], out: Path) -> Path | None:
             cmap = plt.get_cmap("viridis", max(len(groups), 2))
             for i, g in enumerate(groups):
                 steps, values = run.series(f"diag/{family}/{g}")
-                values = [_number(v) for v in values]
+                values = [number(v) for v in values]
                 ok = [(s, v) for s, v in zip(steps, values) if v is not None and math.isfinite(v) and v > 0]
                 over = [s for s, v in zip(steps, values) if v is not None and not math.isfinite(v)]
                 ax.plot([s for s, _ in ok], [v for _, v in ok], color=cmap(i), lw=1.2, label=g)
-                if over:
-                    ax.plot(
-                        over,
-                        [1.0] * len(over),
-                        "x",
-                        color=cmap(i),
-                        transform=ax.get_xaxis_transform(),
-                        clip_on=False,
-                        markersize=6,
-                    )
+                for s in over:
+                    mark_top_edge(ax, s, marker="x", color=cmap(i), markersize=6)
             for e in overflow_events(run):
                 ax.axvline(e["step"], color="#d62728", ls=":", lw=0.8, alpha=0.6)
             if family != "underflow":
@@ -184,8 +147,4 @@ def headroom_plot(runs: list[RunData], out: Path) -> Path | None:
                 ax.set_xlabel("step")
             ax.legend(fontsize=6, ncol=2, loc="lower right")
     fig.suptitle("Headroom to fp16's limits per layer (dotted red: overflow events)", fontsize=10)
-    fig.tight_layout()
-    path = Path(out) / "headroom.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out) / "headroom.png")

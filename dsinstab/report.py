@@ -9,7 +9,6 @@ run ends.
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import os
@@ -24,7 +23,18 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from dsinstab import overflow_report  # noqa: E402
 from dsinstab.config import ConfigError  # noqa: E402
+from dsinstab.render import (  # noqa: E402
+    fmt,
+    html_figure,
+    html_page,
+    html_table,
+    mark_top_edge,
+    markdown_table,
+    number,
+    save_figure,
+)
 from dsinstab.tracking import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,24 +170,8 @@ def spike_kinds(firings: list[tuple[int, str]]) -> str | None:
     return ", ".join(parts)
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    return str(v)
-
-
 # ---------------------------------------------------------------------------------------------
 # The plots
-
-
-def _value(v) -> float | None:
-    """A logged value as a float: events keep non-finite values as the strings "inf"/"nan"."""
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
 
 
 def _mark_events(ax, run: RunData, color: str, key: str, size: float = 9) -> None:
@@ -190,9 +184,9 @@ def _mark_events(ax, run: RunData, color: str, key: str, size: float = 9) -> Non
         step = e.get("step")
         if e.get("kind") != "rollback" and not e.get("firings"):
             continue  # not a spike: DeepSpeed giving up or a failed checkpoint ends the curve instead
-        y = _value(at.get(step))
+        y = number(at.get(step))
         if y is None:  # not logged at this step (log_every > 1): the event's own record of it
-            y = _value(next((r.get(key) for r in e.get("recent", []) if r.get("step") == step), None))
+            y = number(next((r.get(key) for r in e.get("recent", []) if r.get("step") == step), None))
         style = dict(
             marker="D" if e["kind"] == "rollback" else "^",
             color=color,
@@ -203,7 +197,7 @@ def _mark_events(ax, run: RunData, color: str, key: str, size: float = 9) -> Non
         if y is not None and math.isfinite(y):
             ax.plot([step], [y], **style)
         else:
-            ax.plot([step], [1.0], transform=ax.get_xaxis_transform(), clip_on=False, **style)
+            mark_top_edge(ax, step, **style)
             label = "nan" if y is None or math.isnan(y) else "inf"
             if label == last_label:
                 continue
@@ -244,7 +238,7 @@ def _draw_losses(ax, runs: list[RunData]) -> None:
 def plot_losses(runs: list[RunData], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     _draw_losses(ax, runs)
-    return _save(fig, out / "loss.png")
+    return save_figure(fig, out / "loss.png")
 
 
 def plot_overview(runs: list[RunData], out: Path) -> Path | None:
@@ -255,7 +249,7 @@ def plot_overview(runs: list[RunData], out: Path) -> Path | None:
     _draw_losses(top, runs)
     top.set_xlabel("")
     _draw_loss_scale(bottom, runs)
-    return _save(fig, out / "overview.png")
+    return save_figure(fig, out / "overview.png")
 
 
 def plot_grad_norm(runs: list[RunData], out: Path) -> Path:
@@ -269,7 +263,7 @@ def plot_grad_norm(runs: list[RunData], out: Path) -> Path:
     ax.set(xlabel="step", ylabel="global grad norm (before clipping)", title="Gradient norm")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, out / "grad_norm.png")
+    return save_figure(fig, out / "grad_norm.png")
 
 
 def plot_loss_scale(runs: list[RunData], out: Path) -> Path | None:
@@ -277,7 +271,7 @@ def plot_loss_scale(runs: list[RunData], out: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(9, 4))
     _draw_loss_scale(ax, runs)
-    return _save(fig, out / "loss_scale.png")
+    return save_figure(fig, out / "loss_scale.png")
 
 
 def _draw_loss_scale(ax, runs: list[RunData]) -> None:
@@ -323,7 +317,7 @@ def plot_loss_difference(a: RunData, b: RunData, out: Path) -> Path:
         title="Per-step training loss difference (shaded: one side non-finite)",
     )
     ax.grid(alpha=0.3)
-    return _save(fig, out / "loss_difference.png")
+    return save_figure(fig, out / "loss_difference.png")
 
 
 def plot_diagnostics(runs: list[RunData], out: Path, prefix: str = "diag/") -> list[Path]:
@@ -354,15 +348,8 @@ def plot_diagnostics(runs: list[RunData], out: Path, prefix: str = "diag/") -> l
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-        paths.append(_save(fig, out / f"diag_{family}.png"))
+        paths.append(save_figure(fig, out / f"diag_{family}.png"))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,10 +402,20 @@ def write_report(paths: list[str | Path], out: str | Path | None = None) -> tupl
     plots = [p for p in plots if p is not None]
     rows = [summarize(r) for r in runs]
     story = [describe(r, row) for r, row in zip(runs, rows)]
+    overflows = overflow_section(runs, out)
     guide = _guide_link(out)
-    (out / "report.md").write_text(_markdown(rows, story, notes, plots, guide))
-    (out / "report.html").write_text(_html(rows, story, notes, plots, guide))
+    (out / "report.md").write_text(_markdown(rows, story, notes, plots, guide, overflows))
+    (out / "report.html").write_text(_html(rows, story, notes, plots, guide, overflows))
     return out, notes
+
+
+def overflow_section(runs: list[RunData], out: Path) -> tuple[list[dict], Path | None] | None:
+    """The overflow table and the headroom plot (:mod:`dsinstab.overflow_report`), where any run
+    overflowed or ran the ``headroom`` probe; ``None`` otherwise."""
+    plot = overflow_report.headroom_plot(runs, out)
+    if plot is None and not any(overflow_report.overflow_events(r) for r in runs):
+        return None
+    return overflow_report.overflow_table(runs), plot
 
 
 def describe(run: RunData, row: dict) -> str:
@@ -437,7 +434,7 @@ def describe(run: RunData, row: dict) -> str:
     if row["spikes"]:
         text += f"; {row['spikes']} spike(s): {row['spike kinds']}"
     if row["final eval loss"] is not None:
-        text += f"; final eval loss {_fmt(row['final eval loss'])}"
+        text += f"; final eval loss {fmt(row['final eval loss'])}"
     return text + "."
 
 
@@ -450,39 +447,38 @@ def _guide_link(out: Path) -> str:
     return os.path.relpath(GUIDE, out) if out.is_relative_to(ROOT) else str(GUIDE)
 
 
-def _markdown(rows, story, notes, plots, guide) -> str:
+OVERFLOW_INTRO = (
+    "Where each run's overflows started (first non-finite tensor in execution order) and how close "
+    "each layer ran to fp16's largest value: see docs/overflow-anatomy.md."
+)
+
+
+def _markdown(rows, story, notes, plots, guide, overflows) -> str:
     lines = ["# dsinstab comparison", "", f"How to read this report: [{GUIDE.name}]({guide})", ""]
     lines += [f"- {s}" for s in story] + [""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
-    lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += [markdown_table(COLUMNS, rows)]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    if overflows:
+        table, plot = overflows
+        lines += ["", "## Overflows", "", OVERFLOW_INTRO, "", markdown_table(overflow_report.OVERFLOW_COLUMNS, table, 3)]
+        lines += [f"![{plot.stem}]({plot.name})"] if plot else []
     return "\n".join(lines) + "\n"
 
 
-def _html(rows, story, notes, plots, guide) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in COLUMNS) + "</tr>" for r in rows
-    )
-    imgs = "".join(
-        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{p.stem}</figcaption></figure>"
-        for p in plots
-    )
+def _html(rows, story, notes, plots, guide, overflows) -> str:
     items = "".join(f"<li>{html.escape(s)}</li>" for s in story)
     warn = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "th{background:#f3f3f3}img{max-width:100%}.note{background:#fff6d6;padding:.5em}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset=utf-8><title>dsinstab comparison</title>"
-        f"<style>{style}</style></head><body><h1>dsinstab comparison</h1>"
+    body = (
         f'<p>How to read this report: <a href="{html.escape(guide)}">{GUIDE.name}</a></p><ul>{items}</ul>{warn}'
-        f"<table><tr>{head}</tr>{body}</table>{imgs}</body></html>\n"
+        + html_table(COLUMNS, rows)
+        + "".join(html_figure(p) for p in plots)
     )
+    if overflows:
+        table, plot = overflows
+        body += f"<h2>Overflows</h2><p>{html.escape(OVERFLOW_INTRO)}</p>"
+        body += html_table(overflow_report.OVERFLOW_COLUMNS, table, 3) + (html_figure(plot) if plot else "")
+    return html_page("dsinstab comparison", body)
 
 
 def report_command(paths: list[str | Path], out: str | Path | None) -> Path | None:
@@ -524,7 +520,7 @@ def run_summary(run_dir: str | Path) -> str:
     evals = [(r["step"], r["eval/loss"]) for r in metrics if "eval/loss" in r]
     eval_line = "none logged"
     if evals:
-        eval_line = f"{_fmt(evals[-1][1])} at step {evals[-1][0]} ({_fmt(evals[0][1])} at step {evals[0][0]})"
+        eval_line = f"{fmt(evals[-1][1])} at step {evals[-1][0]} ({fmt(evals[0][1])} at step {evals[0][0]})"
     happened = [(e["step"], f["kind"]) for e in events for f in e.get("firings") or [e]]
     ckpts = run_dir / "checkpoints"
     tags = sorted((p.name for p in ckpts.glob("*") if (p / MARKER).exists()), key=lambda t: (tag_step(t), t))

@@ -268,8 +268,8 @@ def test_a_launched_fp16_run_names_the_overflow_and_reports_headroom(tmp_path, c
     """The embeddings scaled by 1e6 at step 4 (trainer.inject): the first non-finite tensor is the
     embedding output, in the forward pass; the headroom probe logs every layer; the report's table
     counts where the overflows started and the headroom plot is drawn."""
-    from dsinstab.overflow_report import headroom_plot, overflow_table
-    from dsinstab.report import load_run
+    from dsinstab.overflow_report import overflow_table
+    from dsinstab.report import load_run, write_report
 
     proc, run = launch(
         tmp_path,
@@ -301,5 +301,9 @@ def test_a_launched_fp16_run_names_the_overflow_and_reports_headroom(tmp_path, c
     (row,) = overflow_table([data])
     assert row["overflows"] == 1 and row["first overflow"] == 4
     assert row["train/overflow_first"] == "model.embed_tokens (forward) x1"
-    plot = headroom_plot([data], tmp_path)
-    assert plot is not None and plot.stat().st_size > 10_000
+    folder, _ = write_report([run], tmp_path / "report")
+    assert (folder / "headroom.png").stat().st_size > 10_000
+    md = (folder / "report.md").read_text()
+    assert "## Overflows" in md and "| model.embed_tokens (forward), output |" in md
+    assert "![headroom](headroom.png)" in md
+    assert md.count("data:image/png") == 0 and (folder / "report.html").read_text().count("<h2>Overflows</h2>") == 1
