@@ -42,8 +42,13 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One dataset/tokenizer cache for the whole session: the corpus is packed once."""
-    return tmp_path_factory.mktemp("cache")
+    """One dataset/tokenizer cache for the whole session, shared by pytest-xdist's workers (its
+    builds are locked): the corpus is packed once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    (root / "cache").mkdir(exist_ok=True)
+    return root / "cache"
 
 
 def free_port() -> int:
@@ -52,9 +57,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# DeepSpeed's CPU comm op is JIT-built once per session here, apart from the user's own build cache
+# DeepSpeed's CPU comm op is JIT-built once per session here, apart from the user's own build cache.
+# Set in the environment, so pytest-xdist's workers (started from this process) share the build.
 _OWN_EXTENSIONS = "TORCH_EXTENSIONS_DIR" not in os.environ
-TORCH_EXTENSIONS = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or tempfile.mkdtemp(prefix="dsinstab-ops-"))
+if _OWN_EXTENSIONS:
+    os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="dsinstab-ops-")
+TORCH_EXTENSIONS = Path(os.environ["TORCH_EXTENSIONS_DIR"])
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -76,6 +76,8 @@ def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir,
     )
     assert_ok(proc)
     assert f"resumed from {latest} at step {tag_step(latest)}" in proc.stdout
+    shards = list((killed / "checkpoints" / latest).glob("*optim_states.pt"))
+    assert len(shards) == ranks  # ZeRO partitions the optimizer state: one shard per rank
     a, b = metrics(full), metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
