@@ -52,17 +52,22 @@ def param_groups(model: torch.nn.Module, tc: TrainerConfig) -> list[dict]:
 STALE_BUILD_LOCK_S = 600  # the shared-memory op builds in under a minute; a lock this old is orphaned
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now: the rendezvous of a run that must not collide with
+    another on the same machine (DeepSpeed's launcher defaults to 29500 for every run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(log: Callable[[str], None]) -> tuple[int, int]:
     """``deepspeed.init_distributed`` hardened for the CPU; returns (rank, world size).
 
     ``python scripts/train.py`` runs as one rank without a launcher.
     """
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
     cpu = get_accelerator().device_name() == "cpu"
     if cpu:

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from dsinstab.cli import EXIT_CODES, add_set_argument, find_path, presets_help  # noqa: E402
 from dsinstab.config import ConfigError, load_config  # noqa: E402
+from dsinstab.engine import free_port  # noqa: E402
 from dsinstab.report import report_command  # noqa: E402
 
 EXAMPLES = """\
@@ -61,6 +62,12 @@ def parse_args() -> argparse.Namespace:
         help="ZeRO stage of both ds_configs (default: %(default)s)",
     )
     p.add_argument("--num_gpus", type=int, default=1, help="ranks per run (default: %(default)s)")
+    p.add_argument(
+        "--master_port",
+        type=int,
+        default=0,
+        help="the launcher's port (default: a free one per run, so pairs can run side by side)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace runs of the same names")
     return p.parse_args()
 
@@ -84,6 +91,8 @@ def main() -> int:
             shutil.which("deepspeed") or "deepspeed",
             "--num_gpus",
             str(args.num_gpus),
+            "--master_port",
+            str(args.master_port or free_port()),
             str(ROOT / "scripts" / "train.py"),
             "--config_dir",
             args.config_dir,
