@@ -172,7 +172,8 @@ def data_layout(cfg: RunConfig, world: int, data_key: str) -> dict:
         "trainer.seed": t.seed,
         "model.seq_len": cfg.model.seq_len,
         "data_key": data_key,
-        "dataset": {k: v for k, v in asdict(cfg.dataset).items() if k != "num_proc"},
+        # (num_proc and streaming change how the blocks are made, not which: the data_key is the same)
+        "dataset": {k: v for k, v in asdict(cfg.dataset).items() if k not in ("num_proc", "streaming")},
     }
 
 
