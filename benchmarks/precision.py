@@ -1,5 +1,5 @@
 """Tokens/s of the default model in fp32, bf16 and fp16 through dsinstab's engine path, side by side:
-``python benchmarks/precision.py [--steps N] [--threads N] [--slow]``.
+``python benchmarks/precision.py [--steps N] [--threads N] [--slow] [--set SECTION.KEY=VALUE ...]``.
 
 Each CPU setting runs in its own process (torch reads its ISA settings at import): this CPU as it
 is, and with AVX-512 masked (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``), which is the
@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dsinstab.cli import add_set_argument  # noqa: E402
+
 # Name -> environment given to the measuring process
 CPU_SETTINGS = {
     "this CPU": {},
@@ -39,9 +41,10 @@ SLOW_SIDES = {"bf16 native": ("zero2_bf16", "native")}  # 20x slower where bf16 
 WARMUP, ROUND = 3, 5  # steps per side before timing, timed steps per side per turn
 
 
-def measure(steps: int, sides: dict[str, tuple[str, str]]) -> dict:
+def measure(steps: int, sides: dict[str, tuple[str, str]], overrides: list[str] = ()) -> dict:
     """Build one engine per side in this process and time ``steps`` steps of each, in turns of
-    :data:`ROUND`. Returns tokens/s per side, the compute path each took, and the CPU's features."""
+    :data:`ROUND`. Returns tokens/s per side, the compute path each took, and the CPU's features.
+    ``overrides`` are ``--set`` items for the model and data (a tiny model for a smoke run)."""
     import torch
     from deepspeed.accelerator import get_accelerator
 
@@ -53,7 +56,7 @@ def measure(steps: int, sides: dict[str, tuple[str, str]]) -> dict:
 
     init_distributed(log=lambda m: None)
     sync = get_accelerator().synchronize
-    cfg = load_config(ROOT / "configs")
+    cfg = load_config(ROOT / "configs", list(overrides))
     t = cfg.trainer
     data = prepare_data(cfg.dataset, cfg.model.seq_len, cfg.utils.cache_dir, log=lambda m: None)
     tokens_per_step = t.micro_batch_size * cfg.model.seq_len
@@ -117,7 +120,7 @@ def child_env(extra: dict) -> dict:
     return {**env, **extra}
 
 
-def measure_in_child(setting: str, steps: int, slow: bool, threads: int) -> dict:
+def measure_in_child(setting: str, steps: int, slow: bool, threads: int, overrides: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -131,6 +134,7 @@ def measure_in_child(setting: str, steps: int, slow: bool, threads: int) -> dict
             str(threads),
         ]
         cmd += ["--slow"] if slow else []
+        cmd += ["--set", *overrides] if overrides else []
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=child_env(CPU_SETTINGS[setting]), cwd=ROOT
         )
@@ -141,20 +145,23 @@ def measure_in_child(setting: str, steps: int, slow: bool, threads: int) -> dict
         return json.loads(out.read_text())
 
 
-def precision_rows(steps: int = 30, slow: bool = False, threads: int = 0) -> list[tuple[str, str]]:
+def precision_rows(
+    steps: int = 30, slow: bool = False, threads: int = 0, overrides: list[str] = ()
+) -> list[tuple[str, str]]:
     """Rows ``(measurement, result)`` for each CPU setting: tokens/s of fp32, bf16 and fp16 (each on
     the path ``auto`` picks) and their ratios to fp32, by wall clock and by the process's CPU time;
     bf16 on the other path; the CPU's flags and what torch makes of them. ``slow`` adds bf16 on
     native kernels, which crawls where the CPU has none. ``threads`` > 0 sets torch's thread count:
     on a machine busier than its cores, one thread per process measures the work with the least
-    noise from threads waiting for each other at every op."""
+    noise from threads waiting for each other at every op. ``overrides``: ``--set`` items of
+    every side (model, data, cache)."""
     from deepspeed.accelerator import get_accelerator
 
     # AVX-512 masking is a CPU matter; on an accelerator the first setting measures the device
     settings = list(CPU_SETTINGS)[: 2 if get_accelerator().device_name() == "cpu" else 1]
     rows: list[tuple[str, str]] = []
     for setting in settings:
-        r = measure_in_child(setting, steps, slow, threads)
+        r = measure_in_child(setting, steps, slow, threads, list(overrides))
         tps, cpu, path, f = r["tokens_per_s"], r["tokens_per_cpu_s"], r["path"], r["features"]
         flags = [
             k for k in ("avx2", "avx512_f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16") if f[k]
@@ -195,6 +202,7 @@ def main() -> int:
         "--slow", action="store_true", help="also bf16 on native kernels (crawls without native bf16)"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0: torch's default)")
+    add_set_argument(p, "model/data overrides of every side, e.g. model.n_layer=8 utils.cache_dir=/tmp/c")
     p.add_argument("--child", metavar="JSON", help=argparse.SUPPRESS)  # measure here, write the result there
     args = p.parse_args()
     if args.child:
@@ -203,9 +211,9 @@ def main() -> int:
 
             torch.set_num_threads(args.threads)
         sides = {**SIDES, **(SLOW_SIDES if args.slow else {})}
-        Path(args.child).write_text(json.dumps(measure(args.steps, sides)))
+        Path(args.child).write_text(json.dumps(measure(args.steps, sides, args.overrides)))
         return 0
-    rows = precision_rows(args.steps, args.slow, args.threads)
+    rows = precision_rows(args.steps, args.slow, args.threads, args.overrides)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k.ljust(width)}  {v}")

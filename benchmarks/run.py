@@ -481,9 +481,11 @@ def other_benchmark(module: str):
         return None
 
 
-def precision_section(plan: Plan) -> list[tuple[str, str]]:
+def precision_section(plan: Plan, cache: Path) -> list[tuple[str, str]]:
     mod = other_benchmark("precision")
-    return mod.precision_rows(plan.precision_steps) if mod else []
+    if mod is None:
+        return []
+    return mod.precision_rows(plan.precision_steps, overrides=[*plan.overrides, f"utils.cache_dir={cache}"])
 
 
 def corpus_section(plan: Plan, seq_len: int) -> list[tuple[str, str]]:
@@ -508,6 +510,9 @@ def overhead(plan: Plan, cfg, ds: Path, data, work: Path, trained: dict) -> tupl
     sides = {
         "bare DeepSpeed loop": lambda: bare_deepspeed(cfg, data, steps, trained),
         "dsinstab loop": lambda: dsinstab_loop(ds, steps, work, *over),
+        "dsinstab, overflow tracing off (trainer.overflow.locate=false)": lambda: dsinstab_loop(
+            ds, steps, work, *over, "trainer.overflow.locate=false"
+        ),
         "dsinstab, diagnostics every 50 steps": lambda: dsinstab_loop(
             ds, steps, work, *over, "trainer.diagnostics.every=50"
         ),
@@ -662,7 +667,7 @@ def measure(plan: Plan, ds: Path, work: Path) -> list[tuple[str, str]]:
                     )
     if "precision" in plan.sections:
         with timed("precision"):
-            rows += precision_section(plan)
+            rows += precision_section(plan, work / "cold-cache")
     if "corpus" in plan.sections:
         with timed("corpus"):
             rows += corpus_section(plan, cfg.model.seq_len)
