@@ -215,7 +215,7 @@ def table(md: str, first: str) -> list[list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# One real sweep: killed after its first point, completed by a rerun, analysed
+# One real sweep: killed once its first points ended, completed by a rerun, analysed
 
 
 @pytest.fixture(scope="module")
@@ -238,20 +238,19 @@ def killed_and_rerun(tmp_path_factory, cache_dir):
     def records() -> list[dict]:
         return [json.loads(line) for line in launches.read_text().splitlines()] if launches.exists() else []
 
-    with spawn([*SWEEP, str(grid), "--out", str(out), "--parallel", "1"]) as proc:
+    with spawn([*SWEEP, str(grid), "--out", str(out), "--parallel", "2"]) as proc:
         deadline = time.time() + 300
-        # kill the sweep (SIGKILL: no goodbye) once its second point is inside its training loop
+        # kill the sweep (SIGKILL: no goodbye) once its third point is inside its training loop
         while time.time() < deadline and proc.poll() is None:
             starts = [r for r in records() if "mode" in r]
-            if len(starts) >= 2 and sweep.read_status(out / starts[1]["point"]).get("state"):
+            if len(starts) >= 3 and sweep.read_status(out / starts[2]["point"]).get("state"):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the sweep ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         # the running point hears of it (SIGTERM when its parent dies): it saves and ends by itself
-        second = [r for r in records() if "mode" in r][1]
-        while time.time() < deadline and alive(second["pid"]):
+        while time.time() < deadline and any(alive(r["pid"]) for r in records() if "mode" in r):
             time.sleep(0.1)
     before = {
         d.name: sweep.read_status(d).get("state") for d in out.iterdir() if (d / "config.yaml").exists()
@@ -267,7 +266,7 @@ def test_killed_sweep_rerun_completes_only_the_missing_points(killed_and_rerun):
     grid, out, before, had_checkpoint, mtimes, rerun, proc = killed_and_rerun
     assert_ok(proc)
     names = [p.name for p in sweep.load_grid(grid, out).points]
-    assert before[names[0]] == "finished" and mtimes
+    assert mtimes and len(mtimes) < len(names)  # some points had ended, not all
     started = [r["point"] for r in rerun if "mode" in r]
     assert sorted(started) == sorted(n for n in names if before.get(n) != "finished")
     # the point that was killed went on from its checkpoint, or started over when it had none
