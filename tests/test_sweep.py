@@ -218,9 +218,9 @@ def table(md: str, first: str) -> list[list[str]]:
 # One real sweep: killed once its first points ended, completed by a rerun, analysed
 
 
-@pytest.fixture(scope="module")
-def killed_and_rerun(tmp_path_factory, cache_dir):
-    tmp = tmp_path_factory.mktemp("sweep")
+@pytest.fixture
+def killed_and_rerun(tmp_path, cache_dir):
+    tmp = tmp_path
     grid = write_grid(
         tmp,
         cache_dir,
@@ -262,8 +262,14 @@ def killed_and_rerun(tmp_path_factory, cache_dir):
     return grid, out, before, had_checkpoint, mtimes, records()[n_before:], proc
 
 
-def test_killed_sweep_rerun_completes_only_the_missing_points(killed_and_rerun):
-    grid, out, before, had_checkpoint, mtimes, rerun, proc = killed_and_rerun
+def test_killed_sweep_is_completed_by_a_rerun_and_reported(killed_and_rerun):
+    """One test, not two sharing a fixture: pytest -n 2 would run the sweep once per worker."""
+    check_rerun(*killed_and_rerun)
+    check_report(*killed_and_rerun[:2])
+
+
+def check_rerun(grid, out, before, had_checkpoint, mtimes, rerun, proc):
+    """The rerun started exactly the points that had not ended, and left the others alone."""
     assert_ok(proc)
     names = [p.name for p in sweep.load_grid(grid, out).points]
     assert mtimes and len(mtimes) < len(names)  # some points had ended, not all
@@ -281,8 +287,8 @@ def test_killed_sweep_rerun_completes_only_the_missing_points(killed_and_rerun):
     assert "0 already ended" not in proc.stdout
 
 
-def test_report_numbers_match_the_run_directories(killed_and_rerun):
-    grid, out, *_ = killed_and_rerun
+def check_report(grid, out):
+    """The report's numbers, against what metrics.jsonl holds."""
     md = (out / "report" / "report.md").read_text()
     # computed here from metrics.jsonl alone: final eval loss per lr, the loss at step 0
     for variant in ("baseline", "qk_norm"):
