@@ -292,7 +292,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     from dsinstab.checkpoint import Checkpointer, data_layout
     from dsinstab.data import BatchOrder, prepare_data
     from dsinstab.diagnostics import Diagnostics
-    from dsinstab.engine import build_engine
+    from dsinstab.engine import apply_optimizer_config, build_engine
     from dsinstab.mitigations import mitigation_plugins
     from dsinstab.model import build_model, count_parameters
     from dsinstab.overflow import overflow_plugins
@@ -372,6 +372,9 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
         restore(run, checkpointer.load(tag))
         run.sink.rewind(run.step, events=True)  # what came after the checkpoint is logged again
         say(f"resumed from {tag} at step {run.step}")
+        changed = apply_optimizer_config(engine, t)  # DeepSpeed loads the saved ones; --set wins
+        if changed:
+            say(f"optimizer settings changed on resume: {', '.join(changed)}")
     if source:
         say(start_branch(run, branch, source))
     loop.write_status(run, "running", None)

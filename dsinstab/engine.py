@@ -186,6 +186,42 @@ def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict, cor
 # fp16 on CPUs without native fp16 arithmetic (dsinstab.lowp computes it in fp32 there)
 
 
+def apply_optimizer_config(engine, tc) -> list[str]:
+    """The loaded optimizer and schedule (a ``LambdaLR``, as :func:`build_engine` makes) take this
+    run's lr, eps, betas and weight decay; what changed, by name. DeepSpeed's load puts the saved
+    ones back; a resume or a branch with other settings wants its own. Unchanged values are not
+    touched, so a resume or a plain replay stays bit-exact.
+
+    Weight decay goes by the group's name (``dsinstab.engine.param_groups`` names them): under
+    ZeRO-3 the parameters are partitioned by now and their shapes no longer tell the groups apart.
+    """
+    decay = tc.weight_decay / tc.lr if tc.independent_weight_decay else tc.weight_decay
+    groups, sched, changed = engine.optimizer.param_groups, engine.lr_scheduler, set()
+    for i, g in enumerate(groups):
+        wd = {"decay": decay, "no_decay": 0.0}.get(g.get("name"), g["weight_decay"])
+        for key, value in (
+            ("eps", tc.adam_eps),
+            ("betas", (tc.adam_beta1, tc.adam_beta2)),
+            ("weight_decay", wd),
+        ):
+            if (tuple(g[key]) if key == "betas" else g[key]) != value:
+                g[key] = value
+                changed.add(key)
+        # the lr is this run's peak times its schedule's factor at the step (a changed max_steps
+        # changes the factor): the same product the schedule computes, so an unchanged run is exact
+        sched.base_lrs[i] = tc.lr
+        lr = tc.lr * sched.lr_lambdas[i](sched.last_epoch)
+        if g["lr"] != lr:
+            g["lr"] = lr
+            changed.add("lr")
+    sched._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports until the next step
+    # DeepSpeed's fp16/bf16 and ZeRO-1/2 optimizers take the saved clipping back with their state
+    if getattr(engine.optimizer, "clip_grad", tc.grad_clip) != tc.grad_clip:
+        engine.optimizer.clip_grad = tc.grad_clip
+        changed.add("grad_clip")
+    return sorted(changed)
+
+
 def allow_cpu_fp16() -> None:
     """DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has native fp16 kernels; torch runs
     fp16 on every CPU, and fp16's loss scaling is what this tool studies, so lift the gate."""

@@ -23,7 +23,6 @@ import contextlib
 import json
 import math
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -198,6 +197,7 @@ def open_branch(args: argparse.Namespace, engine, cfg, layout: dict) -> BranchSo
 def start_branch(run, branch: Branch, source: BranchSource) -> str:
     """Load the source checkpoint into ``run`` (collective), apply this run's optimizer settings and
     the interventions; returns the line to print."""
+    from dsinstab.engine import apply_optimizer_config
     from dsinstab.run_state import restore
 
     opt = run.engine.optimizer
@@ -227,38 +227,6 @@ def start_branch(run, branch: Branch, source: BranchSource) -> str:
     return f"branched from {source.spec['source']} at step {run.step}" + (
         f" ({', '.join(what)})" if what else ""
     )
-
-
-def apply_optimizer_config(engine, tc) -> list[str]:
-    """The loaded optimizer and schedule take this run's lr, eps, betas and weight decay; what
-    changed, by name. Unchanged values are not touched, so a plain replay stays bit-exact.
-
-    Weight decay goes by the group's name (``dsinstab.engine.param_groups`` names them): under
-    ZeRO-3 the parameters are partitioned by now and their shapes no longer tell the groups apart.
-    """
-    decay = tc.weight_decay / tc.lr if tc.independent_weight_decay else tc.weight_decay
-    groups, sched, changed = engine.optimizer.param_groups, engine.lr_scheduler, set()
-    for i, g in enumerate(groups):
-        wd = {"decay": decay, "no_decay": 0.0}.get(g.get("name"), g["weight_decay"])
-        for key, value in (
-            ("eps", tc.adam_eps),
-            ("betas", (tc.adam_beta1, tc.adam_beta2)),
-            ("weight_decay", wd),
-        ):
-            if (tuple(g[key]) if key == "betas" else g[key]) != value:
-                g[key] = value
-                changed.add(key)
-        if sched.base_lrs[i] != tc.lr:  # the schedule's lr is the base lr times a factor of the step
-            g["lr"] *= tc.lr / sched.base_lrs[i]
-            sched.base_lrs[i] = tc.lr
-            changed.add("lr")
-    if "lr" in changed:
-        sched._last_lr = [g["lr"] for g in groups]  # what get_last_lr() reports until the next step
-    # DeepSpeed's fp16/bf16 and ZeRO-1/2 optimizers take the saved clipping back with their state
-    if getattr(engine.optimizer, "clip_grad", tc.grad_clip) != tc.grad_clip:
-        engine.optimizer.clip_grad = tc.grad_clip
-        changed.add("grad_clip")
-    return sorted(changed)
 
 
 def reset_adam(engine) -> None:
@@ -496,9 +464,9 @@ def train_command(source: Source, out: Path, plan: Plan, window: int, resume: bo
     script = str(ROOT / "scripts" / "train.py")
     head = [sys.executable, script]
     if source.world > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        from dsinstab.engine import free_port
+
+        port = free_port()
         launcher = Path(sys.executable).parent / "deepspeed"
         launcher = str(launcher) if launcher.exists() else "deepspeed"
         head = [launcher, "--num_gpus", str(source.world), "--master_port", str(port), script]

@@ -8,7 +8,9 @@ import os
 import shutil
 
 import pytest
+import torch
 import yaml
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from conftest import ROOT, assert_ok, ds_config, launch, metrics, train_rows
 
@@ -110,11 +112,27 @@ def test_resume_latest_extends_a_finished_run(tmp_path, cache_dir):
     proc, run = launch(tmp_path, cache_dir, "trainer.max_steps=6", "trainer.checkpoint_every=3")
     assert_ok(proc)
     proc, _ = launch(
-        tmp_path, cache_dir, "trainer.max_steps=9", "trainer.checkpoint_every=3", extra=("--resume", "latest")
+        tmp_path,
+        cache_dir,
+        "trainer.max_steps=9",
+        "trainer.checkpoint_every=3",
+        "trainer.lr=0.0015",  # half the first segment's: --set wins over what the checkpoint holds
+        extra=("--resume", "latest"),
     )
     assert_ok(proc)
     assert "resumed from step-6 at step 6" in proc.stdout
-    assert [r["step"] for r in train_rows(run)] == list(range(1, 10))
+    assert "optimizer settings changed on resume: lr" in proc.stdout
+    rows = train_rows(run)
+    assert [r["step"] for r in rows] == list(range(1, 10))
+    # the lr logged at step s is the schedule's factor after s - 1 steps times the peak lr
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0015)
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(sgd, 2, 9, min_lr_rate=0.1)
+    expected = []
+    for _ in range(9):
+        expected.append(schedule.get_last_lr()[0])
+        sgd.step()
+        schedule.step()
+    assert [r["train/lr"] for r in rows[6:]] == pytest.approx(expected[6:], rel=1e-6)
 
 
 def test_reference_losses(tmp_path, cache_dir):
