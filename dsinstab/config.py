@@ -99,7 +99,9 @@ class OverflowConfig:
 @dataclass
 class MitigationsConfig:
     zclip_z: float = param(
-        0.0, "ZClip: clip the grad norm at the EMA mean + zclip_z * EMA std of earlier norms (0 = off; 2.5 in the paper)", ge=0
+        0.0,
+        "ZClip: clip the grad norm at the EMA mean + zclip_z * EMA std of earlier norms (0 = off; 2.5 in the paper)",
+        ge=0,
     )
     zclip_alpha: float = param(0.97, "ZClip: EMA smoothing of the grad norm's mean and variance", gt=0, le=1)
     skip_step_sigma: float = param(
@@ -145,7 +147,9 @@ class TrainerConfig:
     inject: InjectConfig = param(InjectConfig(), "a deliberate fault, for trying detectors")
     diagnostics: DiagnosticsConfig = param(DiagnosticsConfig(), "probes that explain a spike")
     overflow: OverflowConfig = param(OverflowConfig(), "overflow anatomy: where a non-finite value started")
-    mitigations: MitigationsConfig = param(MitigationsConfig(), "mitigations from the literature, one key each")
+    mitigations: MitigationsConfig = param(
+        MitigationsConfig(), "mitigations from the literature, one key each"
+    )
 
 
 @dataclass
@@ -162,9 +166,13 @@ class ModelConfig:
     embedding_scale: float = param(1.0, "multiply the embedding output by this", gt=0)
     attn_implementation: str = param("sdpa", "attention kernel", choices=("sdpa", "eager"))
     attn_softcap: float = param(
-        0.0, "Gemma 2: attention logits become c * tanh(logit / c) (0 = off; 50 in Gemma 2; replaces attn_implementation)", ge=0
+        0.0,
+        "Gemma 2: attention logits become c * tanh(logit / c) (0 = off; 50 in Gemma 2; replaces attn_implementation)",
+        ge=0,
     )
-    logit_softcap: float = param(0.0, "Gemma 2: output logits become c * tanh(logit / c) (0 = off; 30 in Gemma 2)", ge=0)
+    logit_softcap: float = param(
+        0.0, "Gemma 2: output logits become c * tanh(logit / c) (0 = off; 30 in Gemma 2)", ge=0
+    )
 
 
 @dataclass

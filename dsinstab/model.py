@@ -108,7 +108,9 @@ def build_model(mc: ModelConfig, vocab_size: int, eos_id: int, seed: int) -> Pre
         AttentionInterface.register(SOFTCAP_ATTENTION, softcapped_attention)
         AttentionMaskInterface.register(SOFTCAP_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
         implementation = SOFTCAP_ATTENTION
-    model = AutoModelForCausalLM.from_config(hf_config(mc, vocab_size, eos_id), attn_implementation=implementation)
+    model = AutoModelForCausalLM.from_config(
+        hf_config(mc, vocab_size, eos_id), attn_implementation=implementation
+    )
     if mc.attn_softcap:
         for module in model.modules():
             if hasattr(module, "layer_idx"):  # the attention modules (and some blocks: harmless)

@@ -461,7 +461,14 @@ def _markdown(rows, story, notes, plots, guide, overflows) -> str:
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     if overflows:
         table, plot = overflows
-        lines += ["", "## Overflows", "", OVERFLOW_INTRO, "", markdown_table(overflow_report.OVERFLOW_COLUMNS, table, 3)]
+        lines += [
+            "",
+            "## Overflows",
+            "",
+            OVERFLOW_INTRO,
+            "",
+            markdown_table(overflow_report.OVERFLOW_COLUMNS, table, 3),
+        ]
         lines += [f"![{plot.stem}]({plot.name})"] if plot else []
     return "\n".join(lines) + "\n"
 

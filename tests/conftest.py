@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -49,6 +50,32 @@ def cache_dir(tmp_path_factory) -> Path:
         root = root.parent  # the run's folder, above each worker's own
     (root / "cache").mkdir(exist_ok=True)
     return root / "cache"
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A process group of one rank for a module's in-process engines. The environment is left as it
+    was but for LOCAL_RANK, which DeepSpeed's engines read (ZeRO-3 at every step), so runs launched
+    later do not inherit this rank's port; the launcher sets LOCAL_RANK for its own ranks."""
+    import deepspeed.comm as dist  # (here: most test modules never need DeepSpeed in-process)
+
+    from dsinstab import engine as eng
+
+    saved = dict(os.environ)
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)
+    created = not dist.is_initialized()
+    try:
+        eng.init_distributed(lambda msg: None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    yield
+    if "LOCAL_RANK" not in saved:
+        os.environ.pop("LOCAL_RANK", None)
+    if created:
+        dist.destroy_process_group()
 
 
 def free_port() -> int:

@@ -6,15 +6,12 @@ random tokens; one launcher run on two ranks shows that the decisions are collec
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 
-import deepspeed.comm as dist
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TORCH_EXTENSIONS, assert_ok, ds_config, launch, python_train, train_rows
+from conftest import ROOT, TINY, assert_ok, ds_config, launch, python_train, train_rows
 from dsinstab import engine as eng
 from dsinstab import loop
 from dsinstab.config import ConfigError, ModelConfig, load_config, read_ds_config, resolve_ds_config
@@ -26,21 +23,6 @@ from dsinstab.optim import MitigatedAdamW
 from dsinstab.plugins import Plugins
 
 DS_CONFIGS = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    """A process group of one rank for the in-process engines; its environment is undone after."""
-    saved = dict(os.environ)
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)
-    created = not dist.is_initialized()
-    eng.init_distributed(lambda msg: None)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    yield
-    if created:
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 class Blocks:

@@ -6,15 +6,12 @@ a second) and trained for a few steps on random tokens, with the same calls as `
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 
-import deepspeed.comm as dist
 import pytest
 import torch
 
-from conftest import ROOT, TINY, TORCH_EXTENSIONS, ds_config
+from conftest import ROOT, TINY, ds_config
 from dsinstab import engine as eng
 from dsinstab.config import load_config, read_ds_config, resolve_ds_config
 from dsinstab.diagnostics import Diagnostics, MasterCopies
@@ -37,20 +34,7 @@ PROBE_KEYS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank():
-    """A process group of one rank for this module. Its environment (rank, port; DeepSpeed reads
-    LOCAL_RANK when it builds an engine) is undone afterwards, for the runs launched later."""
-    saved = dict(os.environ)
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)  # conftest's build of the comm op
-    created = not dist.is_initialized()
-    eng.init_distributed(lambda msg: None)
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    yield
-    if created:
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("one_rank")  # conftest: in-process engines
 
 
 class Tiny:

@@ -8,43 +8,20 @@ Engines are built in this process on one rank (as in test_numerics.py), stepped 
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 
-import deepspeed.comm as dist
 import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-from conftest import ROOT, TINY, TORCH_EXTENSIONS, assert_ok, ds_config, launch, train_rows
+from conftest import ROOT, TINY, assert_ok, ds_config, launch, train_rows
 from dsinstab import engine as eng
 from dsinstab.config import load_config, read_ds_config, resolve_ds_config
 from dsinstab.lowp import compute_context
 from dsinstab.model import build_model, lm_loss
 from dsinstab.overflow import FP16_MAX, OverflowAnatomy, count_below, skips_nonfinite_steps
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_rank():
-    """A process group of one rank for this module. The environment is left as it was but for
-    LOCAL_RANK, which DeepSpeed's engines read (ZeRO-3 at every step), so runs launched later do not
-    inherit this rank's port; the launcher sets LOCAL_RANK for its own ranks."""
-    saved = dict(os.environ)
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)
-    created = not dist.is_initialized()
-    try:
-        eng.init_distributed(lambda msg: None)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    os.environ.setdefault("LOCAL_RANK", "0")
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    yield
-    if "LOCAL_RANK" not in saved:
-        os.environ.pop("LOCAL_RANK", None)
-    if created:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank")  # conftest: in-process engines
 
 
 def setup(ds: str, *overrides: str, model: torch.nn.Module | None = None, before_plugin=None):
@@ -306,4 +283,7 @@ def test_a_launched_fp16_run_names_the_overflow_and_reports_headroom(tmp_path, c
     md = (folder / "report.md").read_text()
     assert "## Overflows" in md and "| model.embed_tokens (forward), output |" in md
     assert "![headroom](headroom.png)" in md
-    assert md.count("data:image/png") == 0 and (folder / "report.html").read_text().count("<h2>Overflows</h2>") == 1
+    assert (
+        md.count("data:image/png") == 0
+        and (folder / "report.html").read_text().count("<h2>Overflows</h2>") == 1
+    )
