@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from collections import defaultdict
 
 import deepspeed.comm as dist
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dsinstab import engine as eng
 from dsinstab.config import DiagnosticsConfig
+from dsinstab.model import model_attention, wrapping_attention
 
 PROBE_ATTENTION = "dsinstab_probe"  # + "_<the model's implementation>", e.g. dsinstab_probe_eager
 LAYER_RE = re.compile(r"\.(?:layers|h)\.(\d+)\.")
@@ -75,20 +72,13 @@ def reduce_readings(readings: Readings) -> dict[str, float]:
 # Probes of the forward pass
 
 
-def _model_attention(module: torch.nn.Module, implementation: str):
-    """The attention function ``module`` calls for ``implementation``, as its model code picks it."""
-    if implementation == "eager":  # not in the interface: each model file has its own
-        return sys.modules[type(module).__module__].eager_attention_forward
-    return ALL_ATTENTION_FUNCTIONS[implementation]
-
-
 def _probed_attention(module, query, key, value, attention_mask, *args, **kwargs):
     """Registered with ``transformers``; records for the module's probe, then runs the model's own
     attention function with exactly the arguments and mask it would have had."""
     probe, implementation = module.dsinstab_attention
     if probe.active:
         probe.record(module.layer_idx, query, key, kwargs.get("scaling"))
-    attention = _model_attention(module, implementation)
+    attention = model_attention(module, implementation)
     return attention(module, query, key, value, attention_mask, *args, **kwargs)
 
 
@@ -109,11 +99,7 @@ class AttentionLogitProbe:
         self.maxima: dict[int, torch.Tensor] = {}
 
     def attach(self, model) -> None:
-        wrapped = model.config._attn_implementation
-        name = f"{PROBE_ATTENTION}_{wrapped}"
-        AttentionInterface.register(name, _probed_attention)
-        if wrapped in ALL_MASK_ATTENTION_FUNCTIONS:
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[wrapped])
+        name, wrapped = wrapping_attention(model, PROBE_ATTENTION, _probed_attention)
         for module in model.modules():
             if hasattr(module, "layer_idx"):  # the attention modules (and some blocks: harmless)
                 module.dsinstab_attention = (self, wrapped)

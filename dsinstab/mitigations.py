@@ -26,12 +26,11 @@ import math
 import deepspeed.comm as dist
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from dsinstab import engine as eng
 from dsinstab.config import MitigationsConfig, TrainerConfig
-from dsinstab.diagnostics import MasterCopies, _model_attention
+from dsinstab.diagnostics import MasterCopies
+from dsinstab.model import model_attention, wrapping_attention
 from dsinstab.optim import MitigatedAdamW, Segments
 from dsinstab.plugins import PluginBase
 
@@ -248,7 +247,7 @@ def _clip_recording_attention(module, query, key, value, attention_mask, *args, 
     clip, wrapped = module.dsinstab_qk_clip
     if torch.is_grad_enabled():  # a training forward (evaluation runs without gradients)
         clip.record(module.layer_idx, query, key, kwargs.get("scaling"))
-    return _model_attention(module, wrapped)(module, query, key, value, attention_mask, *args, **kwargs)
+    return model_attention(module, wrapped)(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 class QKClip:
@@ -263,11 +262,7 @@ class QKClip:
         self.targets: dict[int, list[tuple[torch.nn.Parameter, int, list[int]]]] = {}
         self.head_dim: dict[int, int] = {}
         self.maxima: dict[int, torch.Tensor] = {}
-        wrapped = model.config._attn_implementation
-        name = f"{QK_CLIP_ATTENTION}_{wrapped}"
-        AttentionInterface.register(name, _clip_recording_attention)
-        if wrapped in ALL_MASK_ATTENTION_FUNCTIONS:
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[wrapped])
+        name, wrapped = wrapping_attention(model, QK_CLIP_ATTENTION, _clip_recording_attention)
         for module in model.modules():
             targets = self._targets_of(module)
             if targets:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from transformers import (
@@ -12,6 +14,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from dsinstab.config import ModelConfig
 
@@ -101,12 +104,35 @@ class LogitSoftcap:
         return (torch.tanh(output.float() / self.cap) * self.cap).to(output.dtype)
 
 
+def model_attention(module: torch.nn.Module, implementation: str):
+    """The attention function ``module`` calls for ``implementation``, as its model code picks it."""
+    if implementation == "eager":  # not in the interface: each model file has its own
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def register_attention(name: str, fn, masks_of: str) -> None:
+    """``fn`` becomes the attention implementation ``name`` in ``transformers``, its masks built as
+    for the implementation ``masks_of`` (``transformers`` builds masks by implementation name)."""
+    AttentionInterface.register(name, fn)
+    if masks_of in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[masks_of])
+
+
+def wrapping_attention(model: PreTrainedModel, prefix: str, fn) -> tuple[str, str]:
+    """Register ``fn`` as an implementation that wraps the model's current one; returns (its name,
+    the wrapped one's name). The caller tells the attention modules what to call, then switches the
+    model with ``model.set_attn_implementation(name)``."""
+    wrapped = model.config._attn_implementation
+    register_attention(f"{prefix}_{wrapped}", fn, wrapped)
+    return f"{prefix}_{wrapped}", wrapped
+
+
 def build_model(mc: ModelConfig, vocab_size: int, eos_id: int, seed: int) -> PreTrainedModel:
     torch.manual_seed(seed)
     implementation = mc.attn_implementation
     if mc.attn_softcap:
-        AttentionInterface.register(SOFTCAP_ATTENTION, softcapped_attention)
-        AttentionMaskInterface.register(SOFTCAP_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+        register_attention(SOFTCAP_ATTENTION, softcapped_attention, "eager")
         implementation = SOFTCAP_ATTENTION
     model = AutoModelForCausalLM.from_config(
         hf_config(mc, vocab_size, eos_id), attn_implementation=implementation
