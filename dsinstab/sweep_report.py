@@ -426,23 +426,10 @@ def log_to_wandb(out: Path, vrows, prows, project: str, name: str, group: str) -
     """The two tables, the plots and report.html as one wandb run in the sweep's group."""
     import wandb
 
-    from dsinstab.tracking import wandb_mode
-
-    run = wandb.init(
-        project=project,
-        name=name,
-        group=group,
-        dir=str(out),
-        mode=wandb_mode(),
-        settings=wandb.Settings(init_timeout=60, console="off"),
-    )
+    from dsinstab.tracking import log_report
 
     def table(cols, rows):
         return wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
 
-    run.log(
-        {"table/variants": table(VARIANT_COLUMNS, vrows), "table/points": table(POINT_COLUMNS, prows)}
-        | {f"plot/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
-        | {"report": wandb.Html((out / "report.html").read_text())}
-    )
-    run.finish()
+    tables = {"table/variants": table(VARIANT_COLUMNS, vrows), "table/points": table(POINT_COLUMNS, prows)}
+    log_report(out, project, name, group, tables)

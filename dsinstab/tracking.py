@@ -122,6 +122,27 @@ class LocalSink(NullSink):
         self.events.close()
 
 
+def log_report(out: Path, project: str, name: str, group: str, extra: dict | None = None) -> None:
+    """A report folder as one wandb run in the group of the runs it reports on: every plot,
+    ``report.html``, and ``extra`` (tables, say) under their keys."""
+    import wandb
+
+    run = wandb.init(
+        project=project,
+        name=name,
+        group=group,
+        dir=str(out),
+        mode=wandb_mode(),
+        settings=wandb.Settings(init_timeout=60, console="off"),
+    )
+    run.log(
+        {f"plot/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
+        | {"report": wandb.Html((out / "report.html").read_text())}
+        | (extra or {})
+    )
+    run.finish()
+
+
 def wandb_mode() -> str:
     """``WANDB_MODE`` if set; otherwise online only with an API key, offline without one."""
     if os.environ.get("WANDB_MODE"):

@@ -22,6 +22,7 @@ from dsinstab.cli import EXIT_CODES, add_set_argument, find_path, presets_help  
 from dsinstab.config import ConfigError, load_config  # noqa: E402
 from dsinstab.engine import free_port  # noqa: E402
 from dsinstab.report import report_command  # noqa: E402
+from dsinstab.tracking import log_report  # noqa: E402
 
 EXAMPLES = """\
 examples:
@@ -118,28 +119,8 @@ def main() -> int:
         return 2
     print(f"== both runs and the report took {time.time() - started:.0f}s; open {out / 'report.html'}")
     if cfg.utils.report_to == "wandb":
-        log_to_wandb(out, cfg.utils.wandb_project, f"{name}-report", group)
+        log_report(out, cfg.utils.wandb_project, f"{name}-report", group)
     return 0
-
-
-def log_to_wandb(out: Path, project: str, name: str, group: str) -> None:
-    import wandb
-
-    from dsinstab.tracking import wandb_mode
-
-    run = wandb.init(
-        project=project,
-        name=name,
-        group=group,
-        dir=str(out),
-        mode=wandb_mode(),
-        settings=wandb.Settings(init_timeout=60, console="off"),
-    )
-    run.log(
-        {p.stem: wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}
-        | {"report": wandb.Html((out / "report.html").read_text())}
-    )
-    run.finish()
 
 
 if __name__ == "__main__":
