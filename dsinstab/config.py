@@ -437,6 +437,11 @@ def check_consistency(cfg: RunConfig, where: str) -> None:
         raise ConfigError(
             f"{where}: model.d_model ({m.d_model}) must be divisible by model.n_head ({m.n_head})."
         )
+    if m.arch in ("llama", "qwen3") and (m.d_model // m.n_head) % 2:
+        raise ConfigError(
+            f"{where}: model.{m.arch}'s rotary embeddings need an even head size; "
+            f"model.d_model / model.n_head is {m.d_model // m.n_head}."
+        )
     if m.max_position and m.seq_len > m.max_position:
         raise ConfigError(
             f"{where}: model.seq_len ({m.seq_len}) is longer than the model allows "

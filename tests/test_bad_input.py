@@ -37,6 +37,7 @@ def _assert_refused(proc, out, message):
         (("trainer.lr=0",), "--set: trainer.lr must be > 0, got 0.0"),
         (("trainer.max_steps=1.5",), "--set: trainer.max_steps must be int, got '1.5'"),
         (("model.arch=mamba",), "model.arch must be one of gpt2, llama, qwen3"),
+        (("model.d_model=100", "model.n_head=4"), "model.llama's rotary embeddings need an even head size"),
         (("trainer.lrr=1",), "unknown key trainer.lrr (did you mean trainer.lr?)"),
         (("dataset.source=local", "dataset.path=/no/such/*.txt"), "dataset.path '/no/such/*.txt' matches no"),
         (("dataset.source=hub",), "dataset.name must name a hub dataset when dataset.source is hub"),
