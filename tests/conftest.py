@@ -41,6 +41,12 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """The long end-to-end runs (marked ``slow``) first: under ``pytest -n 2`` the short tests then
+    fill both workers at the end instead of one long run finishing alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One dataset/tokenizer cache for the whole session, shared by pytest-xdist's workers (its

@@ -33,6 +33,7 @@ def table_rows(text: str, begin: str, end: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_section_and_writes_a_well_formed_table_between_the_markers(tmp_path, bench):
     doc = tmp_path / "benchmarks.md"
     begin, end = bench.TABLE_BEGIN, bench.TABLE_END

@@ -131,6 +131,7 @@ def runs(tmp_path_factory, cache_dir):
     return one, two, killed, codes, outputs
 
 
+@pytest.mark.slow
 def test_two_nodes_train_and_resume_after_a_kill_exactly_like_one_node(runs):
     one, two, killed, _, outputs = runs
     assert killed["state"] == "running" and killed["step"] < 12  # both launchers died mid-run

@@ -53,7 +53,9 @@ def _wait_for_step(run_dir, step, proc, timeout=300):
     raise TimeoutError
 
 
-@pytest.mark.parametrize("ds, ranks", [("zero2_fp32", 1), ("zero2_fp16", 1), ("zero3_bf16", 2)])
+@pytest.mark.slow
+# (fp32 has the least state of the three precisions: the loss scaler's rides in fp16's checkpoint)
+@pytest.mark.parametrize("ds, ranks", [("zero2_fp16", 1), ("zero3_bf16", 2)])
 def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir, ds, ranks):
     proc, full = launch(tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="full")
     assert_ok(proc)
@@ -71,13 +73,13 @@ def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir,
     logged = [r["step"] for r in train_rows(killed)]
     assert logged == list(range(1, len(logged) + 1)) and len(logged) >= 8  # nothing logged was lost
     latest = (killed / "checkpoints" / "latest").read_text()
+    shards = list((killed / "checkpoints" / latest).glob("*optim_states.pt"))
+    assert len(shards) == ranks  # ZeRO partitions the optimizer state: one shard per rank
     proc, _ = launch(
         tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="killed", extra=("--resume", "latest")
     )
     assert_ok(proc)
     assert f"resumed from {latest} at step {tag_step(latest)}" in proc.stdout
-    shards = list((killed / "checkpoints" / latest).glob("*optim_states.pt"))
-    assert len(shards) == ranks  # ZeRO partitions the optimizer state: one shard per rank
     a, b = metrics(full), metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):

@@ -135,6 +135,7 @@ def test_a_spike_before_every_checkpoint_is_refused(fp16_run, capsys):
 # End to end: a spike injected at a data position, replayed exactly, skipped, and kept by lr
 
 
+@pytest.mark.slow
 def test_replay_is_exact_skip_removes_a_data_tied_fault_and_a_lower_lr_keeps_it(tmp_path, cache_dir):
     # lr x1000 for the step that reads data position 26 (step 27): the loss spikes at step 28
     proc = python_train(

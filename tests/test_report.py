@@ -188,6 +188,7 @@ def test_bad_input_to_compare(tmp_path, make, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_fp16_vs_bf16_preset_fp16_skips_where_bf16_does_not(tmp_path, cache_dir):
     """The fp16-collapse preset, shortened, run from outside the checkout: fp16 overflows and dies,
     bf16 trains on; both runs in one wandb group, each with its summary."""
@@ -221,6 +222,7 @@ def test_fp16_vs_bf16_preset_fp16_skips_where_bf16_does_not(tmp_path, cache_dir)
     assert "== fp16 run ended with exit code 3: DeepSpeed's fp16 loss scale hit its minimum" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_fp16_collapse_preset_does_what_the_readme_says(tmp_path, cache_dir):
     """The preset as shipped, on the full built-in corpus: fp16 overflows on every step from the
     step the README names, DeepSpeed gives up at the step it names; bf16's spike is flagged (a

@@ -262,6 +262,7 @@ def killed_and_rerun(tmp_path, cache_dir):
     return grid, out, before, had_checkpoint, mtimes, records()[n_before:], proc
 
 
+@pytest.mark.slow
 def test_killed_sweep_is_completed_by_a_rerun_and_reported(killed_and_rerun):
     """One test, not two sharing a fixture: pytest -n 2 would run the sweep once per worker."""
     check_rerun(*killed_and_rerun)
