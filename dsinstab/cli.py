@@ -289,6 +289,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     import deepspeed.comm as dist
 
     from dsinstab import loop
+    from dsinstab.branch import Branch, open_branch, start_branch
     from dsinstab.checkpoint import Checkpointer, data_layout
     from dsinstab.data import BatchOrder, prepare_data
     from dsinstab.diagnostics import Diagnostics
@@ -297,7 +298,6 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     from dsinstab.model import build_model, count_parameters
     from dsinstab.overflow import overflow_plugins
     from dsinstab.plugins import Plugins
-    from dsinstab.replay import Branch, open_branch, start_branch
     from dsinstab.run_state import restore
     from dsinstab.spikes import SpikeMonitor
     from dsinstab.tracking import NullSink, open_sink
