@@ -51,7 +51,10 @@ def write_grid(tmp_path: Path, cache_dir: Path | str, **grid) -> Path:
         ({"set": ["trainer.seed=3"]}, ["set sets trainer.seed", "seeds"]),
         ({"lrs": [20]}, ["variants.baseline at lr 20, seed 0", "trainer.lr must be <= 10"]),
         ({"variants": {}}, ["variants must map each variant's name"]),
-        ({"variants": {"a": {"set": ["model.d_model=50"]}}}, ["variants.a", "rotary embeddings need an even head size"]),
+        (
+            {"variants": {"a": {"set": ["model.d_model=50"]}}},
+            ["variants.a", "rotary embeddings need an even head size"],
+        ),
     ],
 )
 def test_bad_grid_is_refused_before_anything_is_written(tmp_path, capsys, change, words):
