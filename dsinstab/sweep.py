@@ -232,38 +232,38 @@ def _resolve(
         raise _reworded(e, path, where) from None
 
 
+def _distinct(points: list[Point], section: str) -> list[Point]:
+    """One point per distinct ``section`` (dataset, model) of the points' configs."""
+    seen: dict[str, Point] = {}
+    for p in points:
+        seen.setdefault(json.dumps(p.cfg.to_dict()[section], sort_keys=True), p)
+    return list(seen.values())
+
+
 def _check_corpora(path: Path, points: list[Point]) -> None:
     """What train.py checks before it loads data (the corpus exists), once per distinct corpus."""
     from dsinstab.data import corpus_spec
 
-    seen = set()
-    for p in points:
-        key = json.dumps(p.cfg.to_dict()["dataset"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            try:
-                corpus_spec(p.cfg.dataset)
-            except ConfigError as e:
-                raise _reworded(e, path, f"variants.{p.variant}") from None
+    for p in _distinct(points, "dataset"):
+        try:
+            corpus_spec(p.cfg.dataset)
+        except ConfigError as e:
+            raise _reworded(e, path, f"variants.{p.variant}") from None
 
 
 def _check_models(path: Path, points: list[Point]) -> None:
-    """Build each distinct model's ``transformers`` config, whose own checks (e.g. RoPE needs an
-    even head size) would otherwise fail a point only once it runs."""
+    """Build each distinct model's ``transformers`` config, whose own checks would otherwise fail
+    a point only once it runs."""
     from dsinstab.model import hf_config
 
-    seen = set()
-    for p in points:
-        key = json.dumps(p.cfg.to_dict()["model"], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            try:
-                hf_config(p.cfg.model, p.cfg.dataset.vocab_size, 0)
-            except Exception as e:  # transformers' validators raise their own classes
-                reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
-                raise ConfigError(
-                    f"{path}: variants.{p.variant}: transformers refuses this model: {reason}"
-                ) from None
+    for p in _distinct(points, "model"):
+        try:
+            hf_config(p.cfg.model, p.cfg.dataset.vocab_size, 0)
+        except Exception as e:  # transformers' validators raise their own classes
+            reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+            raise ConfigError(
+                f"{path}: variants.{p.variant}: transformers refuses this model: {reason}"
+            ) from None
 
 
 # ---------------------------------------------------------------------------------------------
