@@ -4,7 +4,7 @@
     python benchmarks/data_prep.py --sizes 250 1000 --tokenizers bytes bpe --num-proc 2
 
 Each corpus is written to a temporary folder as ~10 MB text files (one document each, like a
-folder of books), prepared by ``dsinstab.data.prepare_data`` in a fresh child process with a cold
+folder of books), prepared by ``dsinstab.run.data.prepare_data`` in a fresh child process with a cold
 cache, then deleted. Peak RSS is the child's (or, if larger, one of its tokenizer processes')
 ``ru_maxrss``. The point is that it does not grow with the corpus.
 """
@@ -53,8 +53,8 @@ def make_corpus(folder: Path, size_mb: int, seed: int = 0) -> int:
 
 def _child(spec: dict) -> dict:
     """Runs in the fresh child: prepare, then report time, tokens and the peak RSS."""
-    from dsinstab.config import DatasetConfig
-    from dsinstab.data import prepare_data
+    from dsinstab.run.config import DatasetConfig
+    from dsinstab.run.data import prepare_data
 
     dc = DatasetConfig(
         source="local",

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsinstab.cli import add_set_argument  # noqa: E402
+from dsinstab.commands.train import add_set_argument  # noqa: E402
 
 # Name -> environment given to the measuring process
 CPU_SETTINGS = {
@@ -48,11 +48,11 @@ def measure(steps: int, sides: dict[str, tuple[str, str]], overrides: list[str] 
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from dsinstab.config import load_config, read_ds_config, resolve_ds_config
-    from dsinstab.data import BatchOrder, prepare_data
-    from dsinstab.engine import build_engine, init_distributed
-    from dsinstab.lowp import compute_context, cpu_features, describe, engine_dtype, use_fp32_compute
-    from dsinstab.model import build_model, lm_loss
+    from dsinstab.run.config import load_config, read_ds_config, resolve_ds_config
+    from dsinstab.run.data import BatchOrder, prepare_data
+    from dsinstab.run.engine import build_engine, init_distributed
+    from dsinstab.run.lowp import compute_context, cpu_features, describe, engine_dtype, use_fp32_compute
+    from dsinstab.run.model import build_model, lm_loss
 
     init_distributed(log=lambda m: None)
     sync = get_accelerator().synchronize

@@ -47,14 +47,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from deepspeed.accelerator import get_accelerator  # noqa: E402
 
-from dsinstab.config import (  # noqa: E402
+from dsinstab.run.config import (  # noqa: E402
     ConfigError,
     load_config,
     precision,
     read_ds_config,
     resolve_ds_config,
 )
-from dsinstab.engine import init_distributed  # noqa: E402
+from dsinstab.run.engine import init_distributed  # noqa: E402
 
 DS_DIR = ROOT / "ds_configs"
 DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
@@ -130,10 +130,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def fp32_compute(prec: str, mode: str) -> bool:
     """Whether ``prec`` matmuls run in fp32 here: on a CPU without native kernels for it (see
-    dsinstab/lowp.py), as dsinstab's own loop does. Never on a GPU."""
+    dsinstab/run/lowp.py), as dsinstab's own loop does. Never on a GPU."""
     if device().type != "cpu" or prec == "fp32":
         return False
-    from dsinstab.lowp import use_fp32_compute
+    from dsinstab.run.lowp import use_fp32_compute
 
     return use_fp32_compute(DTYPES[prec], mode)
 
@@ -148,7 +148,7 @@ def side_context(prec: str, mode: str) -> contextlib.AbstractContextManager:
     low-precision arithmetic as dsinstab's loop, so every side runs the same kernels."""
     if not fp32_compute(prec, mode):
         return contextlib.nullcontext()
-    from dsinstab.lowp import LowPrecisionInFp32
+    from dsinstab.run.lowp import LowPrecisionInFp32
 
     return LowPrecisionInFp32(DTYPES[prec])
 
@@ -172,10 +172,10 @@ def tokens_per_step(cfg) -> int:
 def bare_deepspeed(cfg, data, steps: int, keep: dict | None = None) -> float:
     """Engine forward, backward, step, nothing else: tokens/s over ``steps`` after 3 warm-up steps.
     ``keep["engine"]`` receives the trained engine (for the checkpoint measurement)."""
-    from dsinstab.data import BatchOrder
-    from dsinstab.engine import build_engine
-    from dsinstab.lowp import compute_context
-    from dsinstab.model import build_model, lm_loss
+    from dsinstab.run.data import BatchOrder
+    from dsinstab.run.engine import build_engine
+    from dsinstab.run.lowp import compute_context
+    from dsinstab.run.model import build_model, lm_loss
 
     t = cfg.trainer
     model = build_model(cfg.model, cfg.dataset.vocab_size, data.eos_id, t.seed)
@@ -202,9 +202,9 @@ def bare_deepspeed(cfg, data, steps: int, keep: dict | None = None) -> float:
 def plain_pytorch(cfg, data, steps: int) -> float:
     """A nanoGPT-style loop: fp32 weights, autocast to the ds_config's precision (fp16 with a
     GradScaler), torch AdamW, clipping; no DeepSpeed."""
-    from dsinstab.data import BatchOrder
-    from dsinstab.engine import param_groups
-    from dsinstab.model import build_model, lm_loss
+    from dsinstab.run.data import BatchOrder
+    from dsinstab.run.engine import param_groups
+    from dsinstab.run.model import build_model, lm_loss
 
     t, dev, prec = cfg.trainer, device(), precision(cfg.ds_config)
     model = build_model(cfg.model, cfg.dataset.vocab_size, data.eos_id, t.seed).to(dev)
@@ -237,7 +237,7 @@ def hf_trainer(cfg, data, steps: int, out: Path, use_deepspeed: bool) -> float:
     the last step (device-synchronised)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from dsinstab.model import build_model
+    from dsinstab.run.model import build_model
 
     t, seq = cfg.trainer, cfg.model.seq_len
 
@@ -299,8 +299,8 @@ def dsinstab_loop(ds: Path, steps: int, out: Path, *overrides: str, preset: str 
     to the host, so the device has finished the step. Logging, detectors and periodic checkpoints
     are inside that window; evaluation is not (``eval_every`` beyond the run; the evaluations
     before step 1 and after the last step fall outside), as none of the other sides evaluates."""
-    from dsinstab.cli import main
-    from dsinstab.tracking import read_jsonl
+    from dsinstab.commands.train import main
+    from dsinstab.run.tracking import read_jsonl
 
     name = f"bench-{time.monotonic_ns()}"
     argv = ["--config_dir", str(ROOT / "configs"), "--ds_config", str(ds)]
@@ -360,7 +360,7 @@ def flops_per_token(cfg, n_params: int) -> float:
 
 
 def n_parameters(cfg) -> int:
-    from dsinstab.model import build_model, count_parameters
+    from dsinstab.run.model import build_model, count_parameters
 
     with torch.device("meta"):  # the shapes only: no memory, no init
         return count_parameters(build_model(cfg.model, cfg.dataset.vocab_size, 0, 0))
@@ -389,7 +389,7 @@ def child_env() -> dict:
 
 def run_train(launcher: list[str], out: Path, name: str, *args: str) -> tuple[list[dict], dict]:
     """``scripts/train.py`` under ``launcher``, quietly; its logged training rows and status."""
-    from dsinstab.tracking import read_jsonl
+    from dsinstab.run.tracking import read_jsonl
 
     cmd = [
         *launcher,
@@ -585,7 +585,7 @@ def timed(section: str):
 
 
 def measure(plan: Plan, ds: Path, work: Path) -> list[tuple[str, str]]:
-    from dsinstab.data import prepare_data
+    from dsinstab.run.data import prepare_data
 
     on_gpu = device().type != "cpu"
     over = list(plan.overrides)
@@ -635,7 +635,7 @@ def measure(plan: Plan, ds: Path, work: Path) -> list[tuple[str, str]]:
         with timed("model"):
             rows += model_section(plan, work, on_gpu)
     if "checkpoint" in plan.sections:
-        from dsinstab.checkpoint import Checkpointer
+        from dsinstab.run.checkpoint import Checkpointer
 
         with timed("checkpoint"):
             if "engine" not in trained:
@@ -682,7 +682,7 @@ def machine() -> str:
     if device().type != "cpu":
         acc = get_accelerator()
         return f"{acc.device_count()} x {torch.cuda.get_device_name() if torch.cuda.is_available() else acc.device_name()}"
-    from dsinstab.lowp import cpu_features
+    from dsinstab.run.lowp import cpu_features
 
     f = cpu_features()
     flags = [k for k in ("avx2", "avx512_f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f.get(k)]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dsinstab.report import report_command  # noqa: E402
+from dsinstab.reports.report import report_command  # noqa: E402
 
 EXAMPLES = """\
 examples:

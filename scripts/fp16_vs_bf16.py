@@ -18,11 +18,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from dsinstab.cli import EXIT_CODES, add_set_argument, find_path, presets_help  # noqa: E402
-from dsinstab.config import ConfigError, load_config  # noqa: E402
-from dsinstab.engine import free_port  # noqa: E402
-from dsinstab.report import report_command  # noqa: E402
-from dsinstab.tracking import log_report  # noqa: E402
+from dsinstab.commands.train import EXIT_CODES, add_set_argument, find_path, presets_help  # noqa: E402
+from dsinstab.reports.report import report_command  # noqa: E402
+from dsinstab.run.config import ConfigError, load_config  # noqa: E402
+from dsinstab.run.engine import free_port  # noqa: E402
+from dsinstab.run.tracking import log_report  # noqa: E402
 
 EXAMPLES = """\
 examples:

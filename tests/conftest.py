@@ -65,7 +65,7 @@ def one_rank():
     later do not inherit this rank's port; the launcher sets LOCAL_RANK for its own ranks."""
     import deepspeed.comm as dist  # (here: most test modules never need DeepSpeed in-process)
 
-    from dsinstab import engine as eng
+    from dsinstab.run import engine as eng
 
     saved = dict(os.environ)
     os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)
@@ -226,7 +226,7 @@ def python_train(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    from dsinstab.tracking import read_jsonl
+    from dsinstab.run.tracking import read_jsonl
 
     return read_jsonl(run_dir / "metrics.jsonl")
 

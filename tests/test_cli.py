@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, python_train, run_cmd
-from dsinstab.cli import DEFAULT_DS_CONFIG
+from dsinstab.commands.train import DEFAULT_DS_CONFIG
 
 PRESETS = sorted(p.stem for p in (ROOT / "configs" / "presets").glob("*.yaml"))
 DS_CONFIGS = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
@@ -110,8 +110,8 @@ def test_dry_run_refuses_what_the_run_refuses(tmp_path, args, message):
 
 
 def test_the_readme_names_the_default_model_by_its_size():
-    from dsinstab.config import load_config
-    from dsinstab.model import build_model, count_parameters
+    from dsinstab.run.config import load_config
+    from dsinstab.run.model import build_model, count_parameters
 
     cfg = load_config(ROOT / "configs")
     n = count_parameters(build_model(cfg.model, cfg.dataset.vocab_size, 0, 0))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, python_train
-from dsinstab.config import (
+from dsinstab.run.config import (
     ConfigError,
     RunConfig,
     load_config,
@@ -213,7 +213,7 @@ def test_presets_hold_only_known_sections(tmp_path):
 
 
 def test_resume_needs_a_complete_checkpoint(tmp_path):
-    from dsinstab.checkpoint import Checkpointer
+    from dsinstab.run.checkpoint import Checkpointer
 
     ck = Checkpointer(engine=None, run_dir=tmp_path, keep=2, is_main=True)
     with pytest.raises(ConfigError, match="--resume latest: .* holds no complete checkpoint"):

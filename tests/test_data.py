@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, assert_ok, env, python_train, run_cmd, spawn
-from dsinstab import data as D
-from dsinstab.config import ConfigError, DatasetConfig
-from dsinstab.data import BatchOrder, documents, is_validation, load_corpus, prepare_data
+from dsinstab.run import data as D
+from dsinstab.run.config import ConfigError, DatasetConfig
+from dsinstab.run.data import BatchOrder, documents, is_validation, load_corpus, prepare_data
 
 SMALL = dict(max_chars=200_000, vocab_size=400)
 BYTES = dict(tokenizer="bytes", vocab_size=257)
@@ -184,8 +184,8 @@ def test_a_run_saves_the_tokenizer_beside_the_model_config(tmp_path, cache_dir):
 BUILD = textwrap.dedent(
     """
     import sys, torch
-    from dsinstab.config import DatasetConfig
-    from dsinstab.data import prepare_data
+    from dsinstab.run.config import DatasetConfig
+    from dsinstab.run.data import prepare_data
     cfg = DatasetConfig(source="local", path=sys.argv[1], tokenizer="bytes", vocab_size=257)
     data = prepare_data(cfg, 31, sys.argv[2], log=print, progress=False)
     print("blocks", data.blocks("train", torch.arange(len(data.train))).sum().item())
@@ -214,8 +214,8 @@ def test_local_rank_0_builds_and_the_other_ranks_reuse(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys
-    from dsinstab import data as D
-    from dsinstab.config import DatasetConfig
+    from dsinstab.run import data as D
+    from dsinstab.run.config import DatasetConfig
     D.PIECE_CHARS, D.BATCH_CHARS, D.WRITE_BYTES = 1 << 16, 1 << 18, 1 << 21
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak RSS (ru_maxrss) starts again from here

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_ok, ds_config, launch, train_rows
-from dsinstab.config import ModelConfig
-from dsinstab.diagnostics import AttentionLogitProbe, OutputLogitProbe, reduce_readings
-from dsinstab.model import build_model
+from dsinstab.instruments.diagnostics import AttentionLogitProbe, OutputLogitProbe, reduce_readings
+from dsinstab.run.config import ModelConfig
+from dsinstab.run.model import build_model
 
 TINY = dict(n_layer=2, d_model=64, n_head=4, seq_len=16)
 

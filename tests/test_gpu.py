@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import DEEPSPEED, ROOT, assert_ok, free_port, launch, metrics, run_cmd, train_rows
-from dsinstab.tracking import read_jsonl
+from dsinstab.run.tracking import read_jsonl
 
 pytestmark = [
     pytest.mark.gpu,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, assert_ok, env, launch, run_cmd, train_rows
-from dsinstab.data import BatchOrder
-from dsinstab.tracking import read_jsonl
+from dsinstab.run.data import BatchOrder
+from dsinstab.run.tracking import read_jsonl
 
 
 def test_an_event_names_every_micro_batch_on_every_rank_and_the_fault_keeps_the_schedule(tmp_path, cache_dir):
@@ -48,7 +48,8 @@ def test_an_event_names_every_micro_batch_on_every_rank_and_the_fault_keeps_the_
 FAILING_RUN = """
 import signal, sys
 sys.path.insert(0, {root!r})
-from dsinstab import cli, loop
+from dsinstab.commands import train as cli
+from dsinstab.run import loop
 
 calls = []
 signal.signal(signal.SIGTERM, lambda *a: calls.append("mine"))

@@ -1,4 +1,4 @@
-"""Low-precision compute on the CPU (dsinstab.lowp): the fp32-compute emulation, the path choice, a run."""
+"""Low-precision compute on the CPU (dsinstab.run.lowp): the fp32-compute emulation, the path choice, a run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import assert_ok, env, launch, train_rows
-from dsinstab.lowp import LowPrecisionInFp32, has_native_kernels, use_fp32_compute
+from dsinstab.run.lowp import LowPrecisionInFp32, has_native_kernels, use_fp32_compute
 
 LOW = [torch.bfloat16, torch.float16]
 # mantissa bits: one rounding step at |x| is 2**(floor(log2|x|) - bits)
@@ -139,7 +139,9 @@ def uncapped_env() -> dict:
 @pytest.mark.parametrize("env", ["ATEN_CPU_CAPABILITY=avx2", "ONEDNN_MAX_CPU_ISA=AVX2"])
 def test_auto_takes_fp32_compute_when_the_isa_is_capped_at_avx2(env):
     """Either setting alone leaves torch without fast bf16 kernels (SDPA, or the matmuls)."""
-    code = "import torch; from dsinstab.lowp import use_fp32_compute as f; print(f(torch.bfloat16, 'auto'))"
+    code = (
+        "import torch; from dsinstab.run.lowp import use_fp32_compute as f; print(f(torch.bfloat16, 'auto'))"
+    )
     name, value = env.split("=")
     proc = subprocess.run(
         [sys.executable, "-c", code],

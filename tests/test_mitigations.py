@@ -1,4 +1,4 @@
-"""The mitigations (dsinstab/mitigations.py, dsinstab/optim.py, soft-capping in dsinstab/model.py).
+"""The mitigations (dsinstab/instruments/mitigations.py, dsinstab/instruments/optim.py, soft-capping in dsinstab/run/model.py).
 
 Engines are built in this process on one rank and trained with the loop's own ``train_step`` on
 random tokens; one launcher run on two ranks shows that the decisions are collective.
@@ -12,15 +12,21 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, assert_ok, ds_config, launch, python_train, train_rows
-from dsinstab import engine as eng
-from dsinstab import loop
-from dsinstab.config import ConfigError, ModelConfig, load_config, read_ds_config, resolve_ds_config
-from dsinstab.diagnostics import MasterCopies
-from dsinstab.lowp import compute_context
-from dsinstab.mitigations import ZCLIP_WARMUP, ZClip, client_optimizer, mitigation_plugins, set_grad_clip
-from dsinstab.model import build_model, softcapped_attention
-from dsinstab.optim import MitigatedAdamW
-from dsinstab.plugins import Plugins
+from dsinstab.instruments.diagnostics import MasterCopies
+from dsinstab.instruments.mitigations import (
+    ZCLIP_WARMUP,
+    ZClip,
+    client_optimizer,
+    mitigation_plugins,
+    set_grad_clip,
+)
+from dsinstab.instruments.optim import MitigatedAdamW
+from dsinstab.run import engine as eng
+from dsinstab.run import loop
+from dsinstab.run.config import ConfigError, ModelConfig, load_config, read_ds_config, resolve_ds_config
+from dsinstab.run.lowp import compute_context
+from dsinstab.run.model import build_model, softcapped_attention
+from dsinstab.run.plugins import Plugins
 
 DS_CONFIGS = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_ok, launch, train_rows
-from dsinstab.config import ModelConfig, TrainerConfig
-from dsinstab.engine import param_groups
-from dsinstab.model import build_model, count_parameters, lm_loss
+from dsinstab.run.config import ModelConfig, TrainerConfig
+from dsinstab.run.engine import param_groups
+from dsinstab.run.model import build_model, count_parameters, lm_loss
 
 TINY = dict(n_layer=2, d_model=64, n_head=4, seq_len=32)
 

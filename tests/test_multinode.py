@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, assert_ok, free_port, launch, launch_cmd, metrics, spawn
-from dsinstab.checkpoint import MARKER
+from dsinstab.run.checkpoint import MARKER
 
 STEPS = ("trainer.max_steps=12", "trainer.checkpoint_every=4")  # TINY evaluates at 0, 6 and 12
 KEYS = ("train/loss", "train/grad_norm", "train/lr", "eval/loss")

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, ds_config
-from dsinstab import engine as eng
-from dsinstab.config import load_config, read_ds_config, resolve_ds_config
-from dsinstab.diagnostics import Diagnostics, MasterCopies
-from dsinstab.lowp import compute_context
-from dsinstab.model import build_model, lm_loss
+from dsinstab.instruments.diagnostics import Diagnostics, MasterCopies
+from dsinstab.run import engine as eng
+from dsinstab.run.config import load_config, read_ds_config, resolve_ds_config
+from dsinstab.run.lowp import compute_context
+from dsinstab.run.model import build_model, lm_loss
 
 DS_CONFIGS = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
 FP16 = [d for d in DS_CONFIGS if d.endswith("fp16")]

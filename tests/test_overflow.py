@@ -15,11 +15,11 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from conftest import ROOT, TINY, assert_ok, ds_config, launch, train_rows
-from dsinstab import engine as eng
-from dsinstab.config import load_config, read_ds_config, resolve_ds_config
-from dsinstab.lowp import compute_context
-from dsinstab.model import build_model, lm_loss
-from dsinstab.overflow import FP16_MAX, OverflowAnatomy, count_below, skips_nonfinite_steps
+from dsinstab.instruments.overflow import FP16_MAX, OverflowAnatomy, count_below, skips_nonfinite_steps
+from dsinstab.run import engine as eng
+from dsinstab.run.config import load_config, read_ds_config, resolve_ds_config
+from dsinstab.run.lowp import compute_context
+from dsinstab.run.model import build_model, lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_rank")  # conftest: in-process engines
 
@@ -245,8 +245,8 @@ def test_a_launched_fp16_run_names_the_overflow_and_reports_headroom(tmp_path, c
     """The embeddings scaled by 1e6 at step 4 (trainer.inject): the first non-finite tensor is the
     embedding output, in the forward pass; the headroom probe logs every layer; the report's table
     counts where the overflows started and the headroom plot is drawn."""
-    from dsinstab.overflow_report import overflow_table
-    from dsinstab.report import load_run, write_report
+    from dsinstab.reports.overflow_report import overflow_table
+    from dsinstab.reports.report import load_run, write_report
 
     proc, run = launch(
         tmp_path,

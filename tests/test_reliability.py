@@ -29,8 +29,8 @@ from conftest import (
     spawn,
     train_rows,
 )
-from dsinstab.checkpoint import tag_step
-from dsinstab.tracking import LocalSink, read_jsonl
+from dsinstab.run.checkpoint import tag_step
+from dsinstab.run.tracking import LocalSink, read_jsonl
 
 KEYS = ("train/loss", "train/grad_norm", "train/lr", "train/loss_scale", "eval/loss", "spike/score_loss")
 # an injected spike at step 18, after the kill: the resumed detectors must fire exactly there too

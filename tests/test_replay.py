@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY, assert_ok, python_train, run_cmd
-from dsinstab import forensics, replay
-from dsinstab.config import load_config, read_ds_config, resolve_ds_config, to_yaml
-from dsinstab.report import load_run, report_command
+from dsinstab.experiments import replay
+from dsinstab.reports import forensics
+from dsinstab.reports.report import load_run, report_command
+from dsinstab.run.config import load_config, read_ds_config, resolve_ds_config, to_yaml
 
 # ---------------------------------------------------------------------------------------------
 # What moved first, on a made-up run whose answer is known
@@ -68,7 +69,7 @@ def test_what_moved_first_names_the_series_that_left_its_band_first_and_its_lead
 @pytest.fixture
 def fp16_run(tmp_path):
     """A run directory as an fp16 run leaves it, with one complete checkpoint (step-6)."""
-    from dsinstab.checkpoint import Checkpointer
+    from dsinstab.run.checkpoint import Checkpointer
 
     cfg = load_config(ROOT / "configs", TINY)
     ds = ROOT / "ds_configs" / "zero2_fp16.json"

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_ok, ds_config, launch, python_train, run_cmd, train_rows
-from dsinstab.report import COLUMNS, LOG_FAMILIES, RunData, _draw_losses, load_run, summarize
-from dsinstab.tracking import JsonlFile, read_jsonl
+from dsinstab.reports.report import COLUMNS, LOG_FAMILIES, RunData, _draw_losses, load_run, summarize
+from dsinstab.run.tracking import JsonlFile, read_jsonl
 
 PNGS = {"overview.png", "loss.png", "grad_norm.png", "loss_scale.png", "loss_difference.png"}
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY, assert_ok, python_train, train_rows
-from dsinstab.checkpoint import MARKER, RANKS, Checkpointer, data_layout
-from dsinstab.config import ConfigError, RunConfig
+from dsinstab.run.checkpoint import MARKER, RANKS, Checkpointer, data_layout
+from dsinstab.run.config import ConfigError, RunConfig
 
 
 def _tags(run_dir: Path, holding: dict[str, int], latest: str | None = None, layout=None) -> Checkpointer:

@@ -6,11 +6,11 @@ from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 
-from dsinstab import loop
-from dsinstab.config import SpikesConfig
-from dsinstab.data import BatchOrder
-from dsinstab.plugins import Plugins
-from dsinstab.spikes import SpikeMonitor
+from dsinstab.instruments.spikes import SpikeMonitor
+from dsinstab.run import loop
+from dsinstab.run.config import SpikesConfig
+from dsinstab.run.data import BatchOrder
+from dsinstab.run.plugins import Plugins
 
 
 class Checkpoints:
@@ -50,8 +50,8 @@ def test_a_second_rollback_to_the_same_checkpoint_never_reads_the_first_spikes_b
     monitor = SpikeMonitor(spikes, fp16=False)
     cfg = SimpleNamespace(trainer=SimpleNamespace(spikes=spikes, gradient_accumulation_steps=1))
     # the RNG state is not this test's concern
-    monkeypatch.setattr("dsinstab.run_state.torch.set_rng_state", lambda s: None)
-    monkeypatch.setattr("dsinstab.run_state.random.setstate", lambda s: None)
+    monkeypatch.setattr("dsinstab.run.state.torch.set_rng_state", lambda s: None)
+    monkeypatch.setattr("dsinstab.run.state.random.setstate", lambda s: None)
     run = SimpleNamespace(
         cfg=cfg,
         checkpointer=Checkpoints(monitor),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_ok, ds_config, launch, run_cmd, train_rows
-from dsinstab.tracking import read_jsonl
+from dsinstab.run.tracking import read_jsonl
 
 SPIKE = [
     "trainer.max_steps=40",

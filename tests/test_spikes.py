@@ -8,8 +8,14 @@ import random
 
 import pytest
 
-from dsinstab.config import SpikesConfig
-from dsinstab.spikes import LossScaleDetector, RobustSpikeDetector, SpikeMonitor, SpikeScore, firing_record
+from dsinstab.instruments.spikes import (
+    LossScaleDetector,
+    RobustSpikeDetector,
+    SpikeMonitor,
+    SpikeScore,
+    firing_record,
+)
+from dsinstab.run.config import SpikesConfig
 
 
 def feed(det, values):

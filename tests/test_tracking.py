@@ -19,7 +19,7 @@ import pytest
 from wandb.proto import wandb_internal_pb2 as pb
 
 from conftest import ROOT, assert_ok, launch
-from dsinstab.tracking import open_sink, read_jsonl
+from dsinstab.run.tracking import open_sink, read_jsonl
 
 BLOCK = 32 * 1024
 # tests/test_spike_runs.py's rollback run: a spike injected at step 30, rolled back to step-20

@@ -1,7 +1,7 @@
 """The overflow part of the comparison report: the headroom plot and the overflow table.
 
-Both read :class:`dsinstab.report.RunData`: the ``diag/headroom_*`` and ``diag/underflow/*``
-metrics of the ``headroom`` probe and the ``overflow`` events (``dsinstab.overflow``).
+Both read :class:`dsinstab.reports.report.RunData`: the ``diag/headroom_*`` and ``diag/underflow/*``
+metrics of the ``headroom`` probe and the ``overflow`` events (``dsinstab.instruments.overflow``).
 ``docs/overflow-anatomy.md`` explains how to read them.
 """
 
@@ -17,11 +17,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dsinstab.overflow import FP16_MAX  # noqa: E402
-from dsinstab.render import mark_top_edge, number, save_figure  # noqa: E402
+from dsinstab.instruments.overflow import FP16_MAX  # noqa: E402
+from dsinstab.reports.render import mark_top_edge, number, save_figure  # noqa: E402
 
 if TYPE_CHECKING:
-    from dsinstab.report import RunData  # report.py renders this module's table and plot
+    from dsinstab.reports.report import RunData  # report.py renders this module's table and plot
 
 ROWS = (
     ("headroom_act", "max |activation| / 65504"),

@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass
 import deepspeed.comm as dist
 import torch
 
-from dsinstab import engine as eng
-from dsinstab.config import TrainerConfig
-from dsinstab.plugins import PluginBase
-from dsinstab.tracking import json_safe
+from dsinstab.run import engine as eng
+from dsinstab.run.config import TrainerConfig
+from dsinstab.run.plugins import PluginBase
+from dsinstab.run.tracking import json_safe
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 FP16_TINY = 2.0**-24  # fp16's smallest subnormal: a scaled gradient below it is lost as 0

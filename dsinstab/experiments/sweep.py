@@ -9,7 +9,7 @@ Every point's config is resolved before anything runs, so a bad override stops t
 with nothing written. A point whose ``status.json`` says it ended for good (finished, or died at the
 minimum loss scale, or stopped by a detector: a divergence is a result) is skipped; any other
 point resumes from its latest checkpoint, or starts over. ``--emit`` writes the commands for a
-scheduler instead; ``dsinstab.sweep_report`` analyses the run directories wherever they ran.
+scheduler instead; ``dsinstab.reports.sweep_report`` analyses the run directories wherever they ran.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsinstab.cli import DEFAULT_DS_CONFIG, ROOT, add_set_argument, find_path, resolve
-from dsinstab.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
+from dsinstab.commands.train import DEFAULT_DS_CONFIG, ROOT, add_set_argument, find_path, resolve
+from dsinstab.run.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
 
 TRAIN = ROOT / "scripts" / "train.py"
 SWEEP = ROOT / "scripts" / "sweep.py"
@@ -242,7 +242,7 @@ def _distinct(points: list[Point], section: str) -> list[Point]:
 
 def _check_corpora(path: Path, points: list[Point]) -> None:
     """What train.py checks before it loads data (the corpus exists), once per distinct corpus."""
-    from dsinstab.data import corpus_spec
+    from dsinstab.run.data import corpus_spec
 
     for p in _distinct(points, "dataset"):
         try:
@@ -254,7 +254,7 @@ def _check_corpora(path: Path, points: list[Point]) -> None:
 def _check_models(path: Path, points: list[Point]) -> None:
     """Build each distinct model's ``transformers`` config, whose own checks would otherwise fail
     a point only once it runs."""
-    from dsinstab.model import hf_config
+    from dsinstab.run.model import hf_config
 
     for p in _distinct(points, "model"):
         try:
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             code = run_local(grid, args.parallel)
             if code == 130:
                 return code
-        from dsinstab.sweep_report import write_sweep_report
+        from dsinstab.reports.sweep_report import write_sweep_report
 
         report = write_sweep_report(grid)
         print(f"report: {report / 'report.html'} (and report.md, *.png)")

@@ -1,4 +1,4 @@
-"""Mitigations from the literature as one plug-in (dsinstab/plugins.py), each behind one key.
+"""Mitigations from the literature as one plug-in (dsinstab/run/plugins.py), each behind one key.
 
 - ZClip (Kumar et al. 2025, arXiv:2504.02507), ``trainer.mitigations.zclip_z``: the grad norm is
   clipped at ``mean + z * std`` of an EMA of earlier norms. DeepSpeed clips inside
@@ -6,7 +6,7 @@
   (:func:`set_grad_clip`); the EMA follows the clipped norm, as in the paper.
 - Skip-step (OLMo-core), ``trainer.mitigations.skip_step_sigma``: an update whose loss or grad
   norm lies more than sigma standard deviations above the mean of the last ``skip_step_window``
-  steps is not applied. Judged inside the optimizer (:class:`dsinstab.optim.MitigatedAdamW`),
+  steps is not applied. Judged inside the optimizer (:class:`dsinstab.instruments.optim.MitigatedAdamW`),
   where DeepSpeed's grad norm of the step exists before the update; the schedule keeps counting.
 - Update clipping (StableAdamW), ``trainer.mitigations.update_clip``: in MitigatedAdamW.
 - QK-clip (Kimi K2's MuonClip), ``trainer.mitigations.qk_clip_tau``: after the step, each head
@@ -27,12 +27,12 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-from dsinstab import engine as eng
-from dsinstab.config import MitigationsConfig, TrainerConfig
-from dsinstab.diagnostics import MasterCopies
-from dsinstab.model import model_attention, wrapping_attention
-from dsinstab.optim import MitigatedAdamW, Segments
-from dsinstab.plugins import PluginBase
+from dsinstab.instruments.diagnostics import MasterCopies
+from dsinstab.instruments.optim import MitigatedAdamW, Segments
+from dsinstab.run import engine as eng
+from dsinstab.run.config import MitigationsConfig, TrainerConfig
+from dsinstab.run.model import model_attention, wrapping_attention
+from dsinstab.run.plugins import PluginBase
 
 ZCLIP_WARMUP = 25  # steps whose norms start the EMA (the paper's default); no clipping by ZClip before
 QK_CLIP_ATTENTION = "dsinstab_qk_clip"  # + "_<the wrapped implementation>"

@@ -20,16 +20,16 @@ import deepspeed.comm as dist
 import torch
 from tqdm import tqdm
 
-from dsinstab import engine as eng
-from dsinstab import lowp
-from dsinstab.checkpoint import Checkpointer, CheckpointWriteError, write_atomic
-from dsinstab.config import RunConfig
-from dsinstab.data import BatchOrder, PackedData
-from dsinstab.model import lm_loss
-from dsinstab.plugins import Plugins
-from dsinstab.run_state import restore, save
-from dsinstab.spikes import SpikeMonitor, firing_record
-from dsinstab.tracking import json_safe
+from dsinstab.instruments.spikes import SpikeMonitor, firing_record
+from dsinstab.run import engine as eng
+from dsinstab.run import lowp
+from dsinstab.run.checkpoint import Checkpointer, CheckpointWriteError, write_atomic
+from dsinstab.run.config import RunConfig
+from dsinstab.run.data import BatchOrder, PackedData
+from dsinstab.run.model import lm_loss
+from dsinstab.run.plugins import Plugins
+from dsinstab.run.state import restore, save
+from dsinstab.run.tracking import json_safe
 
 EXIT_FINISHED, EXIT_MIN_LOSS_SCALE, EXIT_STOPPED, EXIT_CHECKPOINT_FAILED = 0, 3, 4, 5  # 2: bad input (cli)
 EXIT_INTERRUPTED = 130
@@ -42,7 +42,7 @@ class LossScaleAtMinimum(RuntimeError):
 
 @dataclass
 class Run:
-    """What the loop works with: built once by :mod:`dsinstab.cli`, passed around, never mutated
+    """What the loop works with: built once by :mod:`dsinstab.commands.train`, passed around, never mutated
     except for the progress fields at the bottom."""
 
     cfg: RunConfig

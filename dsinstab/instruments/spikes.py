@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from statistics import median
 
-from dsinstab.config import SpikesConfig
+from dsinstab.run.config import SpikesConfig
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import torch
 from filelock import FileLock, Timeout
 
-from dsinstab.config import ConfigError, DatasetConfig
+from dsinstab.run.config import ConfigError, DatasetConfig
 
 EOS = "<|endoftext|>"
 CACHE_VERSION = 2  # bump when the packing format changes (2: streamed, carried across documents)

@@ -24,9 +24,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dsinstab.config import ConfigError  # noqa: E402
-from dsinstab.report import COLORS, ENDINGS, load_run  # noqa: E402
-from dsinstab.sweep import Grid, Point  # noqa: E402
+from dsinstab.experiments.sweep import Grid, Point  # noqa: E402
+from dsinstab.reports.report import COLORS, ENDINGS, load_run  # noqa: E402
+from dsinstab.run.config import ConfigError  # noqa: E402
 
 LR_RANGE = (3e-4, 3e-1)  # Wortsman et al. 2023's [a, b]
 # a run that ended here did not reach its last step: the learning rate diverged
@@ -426,7 +426,7 @@ def log_to_wandb(out: Path, vrows, prows, project: str, name: str, group: str) -
     """The two tables, the plots and report.html as one wandb run in the sweep's group."""
     import wandb
 
-    from dsinstab.tracking import log_report
+    from dsinstab.run.tracking import log_report
 
     def table(cols, rows):
         return wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])

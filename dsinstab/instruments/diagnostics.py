@@ -28,9 +28,9 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state
 
-from dsinstab import engine as eng
-from dsinstab.config import DiagnosticsConfig
-from dsinstab.model import model_attention, wrapping_attention
+from dsinstab.run import engine as eng
+from dsinstab.run.config import DiagnosticsConfig
+from dsinstab.run.model import model_attention, wrapping_attention
 
 PROBE_ATTENTION = "dsinstab_probe"  # + "_<the model's implementation>", e.g. dsinstab_probe_eager
 LAYER_RE = re.compile(r"\.(?:layers|h)\.(\d+)\.")
@@ -332,7 +332,7 @@ class AdamProbe:
 
 
 class Diagnostics:
-    """The probes of a run, switched on for probe steps only: a plug-in (dsinstab/plugins.py)."""
+    """The probes of a run, switched on for probe steps only: a plug-in (dsinstab/run/plugins.py)."""
 
     name = "diagnostics"
 

@@ -21,7 +21,7 @@ class Plugin(Protocol):
     name: str
 
     def bind(self, run) -> None:
-        """Once, when ``loop.train`` starts: the :class:`dsinstab.loop.Run`, for a plug-in that
+        """Once, when ``loop.train`` starts: the :class:`dsinstab.run.loop.Run`, for a plug-in that
         writes events (``run.sink.event``, a null sink off rank 0) or reads the step's blocks
         (``run.step_indices``). Optional: the loop calls it only where it is defined."""
 

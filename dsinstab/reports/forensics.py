@@ -9,7 +9,7 @@ of the window where it lies more than ``k`` such sigmas off its line; a non-fini
 band by definition. The table lists the series in the order they left, with how many steps before
 the loss did; the heat map shows every series' deviation (series x steps).
 
-Usable on any run with probes: ``python -m dsinstab.forensics RUN --at STEP`` (the replay report
+Usable on any run with probes: ``python -m dsinstab.reports.forensics RUN --at STEP`` (the replay report
 uses it on its plain replay, where every probe runs every step).
 """
 
@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsinstab.config import ConfigError
+from dsinstab.run.config import ConfigError
 
 TRAIN_SERIES = (
     "train/loss",
@@ -190,7 +190,7 @@ def heatmap(tl: Timeline, path: Path, title: str = "What moved first") -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from dsinstab.render import save_figure
+    from dsinstab.reports.render import save_figure
 
     order = [r["series"] for r in tl.table] + [n for n in tl.z if n not in {r["series"] for r in tl.table}]
     data = np.array(
@@ -219,15 +219,15 @@ def heatmap(tl: Timeline, path: Path, title: str = "What moved first") -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# python -m dsinstab.forensics RUN --at STEP
+# python -m dsinstab.reports.forensics RUN --at STEP
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsinstab.render import html_figure, html_page, html_table, markdown_table
-    from dsinstab.tracking import read_jsonl
+    from dsinstab.reports.render import html_figure, html_page, html_table, markdown_table
+    from dsinstab.run.tracking import read_jsonl
 
     p = argparse.ArgumentParser(
-        prog="python -m dsinstab.forensics",
+        prog="python -m dsinstab.reports.forensics",
         description="Which series left its band first before a loss spike.",
     )
     p.add_argument("run", metavar="RUN", help="a run directory (probes on: trainer.diagnostics.every)")

@@ -16,7 +16,7 @@ from transformers import (
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from dsinstab.config import ModelConfig
+from dsinstab.run.config import ModelConfig
 
 
 def hf_config(mc: ModelConfig, vocab_size: int, eos_id: int) -> PretrainedConfig:

@@ -1,5 +1,5 @@
 """A branch: a new run started from another run's checkpoint (``scripts/train.py --branch
-RUN/checkpoints/TAG``), the unit every replay of :mod:`dsinstab.replay` is made of.
+RUN/checkpoints/TAG``), the unit every replay of :mod:`dsinstab.experiments.replay` is made of.
 
 Its weights, Adam moments, loss scaler, schedule position, step, data position, detector and
 plug-in states and RNG states are the checkpoint's; its optimizer hyperparameters (``trainer.lr``,
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from dsinstab.config import ConfigError, precision
-from dsinstab.plugins import PluginBase
+from dsinstab.run.config import ConfigError, precision
+from dsinstab.run.plugins import PluginBase
 
 BRANCH_INTERVENTIONS = "skip=FIRST-LAST, reshuffle=K (K >= 1) or reset_adam"
 
@@ -70,7 +70,7 @@ class Branch(PluginBase):
     def bind(self, run) -> None:
         self.run = run
         if self.spec.get("reshuffle"):
-            from dsinstab.data import BatchOrder
+            from dsinstab.run.data import BatchOrder
 
             old = run.order
             run.order = BatchOrder(
@@ -109,7 +109,7 @@ class BranchSource:
 def open_branch(args: argparse.Namespace, engine, cfg, layout: dict) -> BranchSource | None:
     """Check ``--branch``/``--intervene``/``--stop_at`` before anything is written (collective:
     rank 0 reads the files, every rank gets its answer). ``None`` when this run is no branch."""
-    from dsinstab.checkpoint import Checkpointer, on_rank_zero
+    from dsinstab.run.checkpoint import Checkpointer, on_rank_zero
 
     if not args.branch:
         if args.intervene or args.stop_at:
@@ -133,7 +133,7 @@ def open_branch(args: argparse.Namespace, engine, cfg, layout: dict) -> BranchSo
                 f"--branch {args.branch}: not a complete checkpoint of a run; give RUN/checkpoints/TAG "
                 "of a tag holding a dsinstab.json marker."
             )
-        from dsinstab.checkpoint import layout_mismatch
+        from dsinstab.run.checkpoint import layout_mismatch
 
         saved = source.marker(tag_dir.name).get("data_layout")
         problem = saved and layout_mismatch(saved, layout)
@@ -172,8 +172,8 @@ def open_branch(args: argparse.Namespace, engine, cfg, layout: dict) -> BranchSo
 def start_branch(run, branch: Branch, source: BranchSource) -> str:
     """Load the source checkpoint into ``run`` (collective), apply this run's optimizer settings and
     the interventions; returns the line to print."""
-    from dsinstab.engine import apply_optimizer_config
-    from dsinstab.run_state import restore
+    from dsinstab.run.engine import apply_optimizer_config
+    from dsinstab.run.state import restore
 
     opt = run.engine.optimizer
     # ZeRO-1/2 load the saved loss scaler with the optimizer: another precision keeps its own

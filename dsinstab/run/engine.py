@@ -18,7 +18,7 @@ from deepspeed.accelerator import get_accelerator
 from filelock import FileLock
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from dsinstab.config import TrainerConfig, precision
+from dsinstab.run.config import TrainerConfig, precision
 
 
 def param_groups(model: torch.nn.Module, tc: TrainerConfig) -> list[dict]:
@@ -148,10 +148,10 @@ def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict, cor
     """
     if precision(ds_config) == "fp16":
         allow_cpu_fp16()
-    from dsinstab.mitigations import uses_mitigated_optimizer  # (mitigations reads the engine)
+    from dsinstab.instruments.mitigations import uses_mitigated_optimizer  # (mitigations reads the engine)
 
     if uses_mitigated_optimizer(tc.mitigations):  # skip-step, update clipping: inside the update
-        from dsinstab.optim import MitigatedAdamW
+        from dsinstab.instruments.optim import MitigatedAdamW
 
         optimizer = MitigatedAdamW(
             param_groups(model, tc),
@@ -183,7 +183,7 @@ def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict, cor
 
 
 # ---------------------------------------------------------------------------------------------
-# fp16 on CPUs without native fp16 arithmetic (dsinstab.lowp computes it in fp32 there)
+# fp16 on CPUs without native fp16 arithmetic (dsinstab.run.lowp computes it in fp32 there)
 
 
 def apply_optimizer_config(engine, tc) -> list[str]:
@@ -192,7 +192,7 @@ def apply_optimizer_config(engine, tc) -> list[str]:
     ones back; a resume or a branch with other settings wants its own. Unchanged values are not
     touched, so a resume or a plain replay stays bit-exact.
 
-    Weight decay goes by the group's name (``dsinstab.engine.param_groups`` names them): under
+    Weight decay goes by the group's name (``dsinstab.run.engine.param_groups`` names them): under
     ZeRO-3 the parameters are partitioned by now and their shapes no longer tell the groups apart.
     """
     decay = tc.weight_decay / tc.lr if tc.independent_weight_decay else tc.weight_decay

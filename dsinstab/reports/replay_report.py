@@ -22,10 +22,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dsinstab import forensics  # noqa: E402
-from dsinstab.config import ConfigError  # noqa: E402
-from dsinstab.render import html_figure, html_page, html_table, markdown_table, save_figure  # noqa: E402
-from dsinstab.report import COLORS, ENDINGS, RunData, load_run  # noqa: E402
-from dsinstab.tracking import json_safe  # noqa: E402
+from dsinstab.reports.render import html_figure, html_page, html_table, markdown_table, save_figure  # noqa: E402
+from dsinstab.reports.report import COLORS, ENDINGS, RunData, load_run  # noqa: E402
+from dsinstab.run.config import ConfigError  # noqa: E402
+from dsinstab.run.tracking import json_safe  # noqa: E402
 
 COLUMNS = [
     "branch",

@@ -24,8 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from dsinstab import overflow_report  # noqa: E402
-from dsinstab.config import ConfigError  # noqa: E402
-from dsinstab.render import (  # noqa: E402
+from dsinstab.reports.render import (  # noqa: E402
     fmt,
     html_figure,
     html_page,
@@ -35,7 +34,8 @@ from dsinstab.render import (  # noqa: E402
     number,
     save_figure,
 )
-from dsinstab.tracking import read_jsonl  # noqa: E402
+from dsinstab.run.config import ConfigError  # noqa: E402
+from dsinstab.run.tracking import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "docs" / "reading-the-report.md"
@@ -410,7 +410,7 @@ def write_report(paths: list[str | Path], out: str | Path | None = None) -> tupl
 
 
 def overflow_section(runs: list[RunData], out: Path) -> tuple[list[dict], Path | None] | None:
-    """The overflow table and the headroom plot (:mod:`dsinstab.overflow_report`), where any run
+    """The overflow table and the headroom plot (:mod:`dsinstab.reports.overflow_report`), where any run
     overflowed or ran the ``headroom`` probe; ``None`` otherwise."""
     plot = overflow_report.headroom_plot(runs, out)
     if plot is None and not any(overflow_report.overflow_events(r) for r in runs):
@@ -509,7 +509,10 @@ def report_command(paths: list[str | Path], out: str | Path | None) -> Path | No
 def run_summary(run_dir: str | Path) -> str:
     """What ``scripts/train.py`` prints when a run ends: how it ended, its final eval loss, the
     events and checkpoints it wrote, where it is, and the command that makes its report."""
-    from dsinstab.checkpoint import MARKER, tag_step  # here: it imports deepspeed, which compare.py needs not
+    from dsinstab.run.checkpoint import (  # here: it imports deepspeed, which compare.py needs not
+        MARKER,
+        tag_step,
+    )
 
     run_dir = Path(run_dir)
     status = _read_json(run_dir / "status.json")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dsinstab.config import (
+from dsinstab.run.config import (
     ConfigError,
     RunConfig,
     load_config,
@@ -218,7 +218,7 @@ def preflight(cfg: RunConfig, args: argparse.Namespace) -> None:
     """The checks the run makes that need no data loaded, on every rank before anything starts:
     the corpus exists (a hub source has a name, a local path matches files, a saved dataset is
     one). A dry run also checks the run directory, which a run decides on rank 0 once started."""
-    from dsinstab.data import corpus_spec
+    from dsinstab.run.data import corpus_spec
 
     corpus_spec(cfg.dataset)
     if args.dry_run and cfg.utils.run_name:
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     """Decided on global rank 0 and broadcast: another node may see no such folder, or an old one."""
-    from dsinstab.checkpoint import on_rank_zero
+    from dsinstab.run.checkpoint import on_rank_zero
 
     on_rank_zero(_check_run_dir, run_dir, resume, overwrite)
 
@@ -271,7 +271,7 @@ def _check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
 
 
 def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
-    from dsinstab.engine import process_group
+    from dsinstab.run.engine import process_group
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     faulthandler.enable()  # a crashing rank (SIGSEGV, SIGABRT, ...) prints where each thread was
@@ -288,19 +288,19 @@ def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
 def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], rank: int, world: int) -> int:
     import deepspeed.comm as dist
 
-    from dsinstab import loop
-    from dsinstab.branch import Branch, open_branch, start_branch
-    from dsinstab.checkpoint import Checkpointer, data_layout
-    from dsinstab.data import BatchOrder, prepare_data
-    from dsinstab.diagnostics import Diagnostics
-    from dsinstab.engine import apply_optimizer_config, build_engine
-    from dsinstab.mitigations import mitigation_plugins
-    from dsinstab.model import build_model, count_parameters
-    from dsinstab.overflow import overflow_plugins
-    from dsinstab.plugins import Plugins
-    from dsinstab.run_state import restore
-    from dsinstab.spikes import SpikeMonitor
-    from dsinstab.tracking import NullSink, open_sink
+    from dsinstab.experiments.branch import Branch, open_branch, start_branch
+    from dsinstab.instruments.diagnostics import Diagnostics
+    from dsinstab.instruments.mitigations import mitigation_plugins
+    from dsinstab.instruments.overflow import overflow_plugins
+    from dsinstab.instruments.spikes import SpikeMonitor
+    from dsinstab.run import loop
+    from dsinstab.run.checkpoint import Checkpointer, data_layout
+    from dsinstab.run.data import BatchOrder, prepare_data
+    from dsinstab.run.engine import apply_optimizer_config, build_engine
+    from dsinstab.run.model import build_model, count_parameters
+    from dsinstab.run.plugins import Plugins
+    from dsinstab.run.state import restore
+    from dsinstab.run.tracking import NullSink, open_sink
 
     def say(msg: str) -> None:
         if rank == 0:
@@ -384,7 +384,7 @@ def build_and_train(cfg: RunConfig, args: argparse.Namespace, notes: list[str], 
     finally:
         run.sink.close()
     if rank == 0:  # how the run ended, what it wrote, and the command that makes its report
-        from dsinstab.report import run_summary
+        from dsinstab.reports.report import run_summary
 
         say(run_summary(run_dir))
     return code

@@ -29,7 +29,7 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from dsinstab.config import ConfigError, RunConfig
+from dsinstab.run.config import ConfigError, RunConfig
 
 MARKER = "dsinstab.json"
 TAG_RE = re.compile(r"^(step|spike)-(\d+)$")

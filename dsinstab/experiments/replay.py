@@ -2,8 +2,8 @@
 
 ``scripts/replay.py`` (:func:`main`) picks RUN's newest checkpoint before the spike, runs the plain
 replay and one branch per intervention (each an ordinary run started by ``train.py --branch``, see
-:mod:`dsinstab.branch`), says whether the plain replay reproduced RUN, and writes the report
-(:mod:`dsinstab.replay_report`).
+:mod:`dsinstab.experiments.branch`), says whether the plain replay reproduced RUN, and writes the report
+(:mod:`dsinstab.reports.replay_report`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from dsinstab.config import (
+from dsinstab.run.config import (
     PROBES,
     SECTIONS,
     YAML_OWNED,
@@ -85,7 +85,7 @@ class Source:
 def choose_checkpoint(run: Path, at: int, tag: str | None) -> tuple[str, int, int]:
     """(tag, the step it holds, its number of ranks): ``tag`` or the newest complete checkpoint
     holding a step before ``at``."""
-    from dsinstab.checkpoint import RANKS, Checkpointer
+    from dsinstab.run.checkpoint import RANKS, Checkpointer
 
     ck = Checkpointer(None, run, keep=1, is_main=False)
     tags = ck.complete_tags()
@@ -255,7 +255,7 @@ def train_command(source: Source, out: Path, plan: Plan, window: int, resume: bo
     script = str(ROOT / "scripts" / "train.py")
     head = [sys.executable, script]
     if source.world > 1:
-        from dsinstab.engine import free_port
+        from dsinstab.run.engine import free_port
 
         port = free_port()
         launcher = Path(sys.executable).parent / "deepspeed"
@@ -287,7 +287,7 @@ def branch_state(run_dir: Path) -> str:
         status = {}
     if status.get("state") in ("finished", "min_loss_scale", "stopped"):  # each an outcome of the branch
         return "done"
-    from dsinstab.checkpoint import Checkpointer
+    from dsinstab.run.checkpoint import Checkpointer
 
     return "resume" if Checkpointer(None, run_dir, 1, False).complete_tags() else "start"
 
@@ -441,8 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's logger, made when it is first imported, writes to the stdout of that moment:
     # make it stderr, so stdout holds the replay's own lines
     with contextlib.redirect_stdout(sys.stderr):
-        import dsinstab.checkpoint  # noqa: F401
-        import dsinstab.replay_report  # noqa: F401
+        import dsinstab.reports.replay_report  # noqa: F401
+        import dsinstab.run.checkpoint  # noqa: F401
 
     def say(msg: str) -> None:
         print(msg, flush=True)
@@ -452,10 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         write_inputs(source, plans, out, request_of(source, plans, args))
         said: list[str] = []  # the plain replay's line waits: whether it was exact comes first
         codes = {plans[0].name: run_branch(source, out, plans[0], args.window, said.append)}
-        from dsinstab.tracking import read_jsonl
+        from dsinstab.run.tracking import read_jsonl
 
         plain = out / plans[0].name / "metrics.jsonl"
-        from dsinstab.replay_report import exactness
+        from dsinstab.reports.replay_report import exactness
 
         exact, line = exactness(
             read_jsonl(source.path / "metrics.jsonl"),
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dsinstab.replay_report import write_replay_report
+    from dsinstab.reports.replay_report import write_replay_report
 
     report, sentence = write_replay_report(source, plans, codes, out, args.window, args.k, line)
     say(sentence)

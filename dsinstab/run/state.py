@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from dsinstab.loop import Run
+    from dsinstab.run.loop import Run
 
 KEY = "dsinstab"  # our part of DeepSpeed's client state
 EVENT_KEY = "dsinstab_event"  # the event record a spike checkpoint was saved for
