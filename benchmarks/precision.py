@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dsinstab.commands.train import add_set_argument  # noqa: E402
+from dsinstab.run.resolve import add_set_argument  # noqa: E402
 
 # Name -> environment given to the measuring process
 CPU_SETTINGS = {

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, python_train, run_cmd
-from dsinstab.commands.train import DEFAULT_DS_CONFIG
+from dsinstab.run.resolve import DEFAULT_DS_CONFIG
 
 PRESETS = sorted(p.stem for p in (ROOT / "configs" / "presets").glob("*.yaml"))
 DS_CONFIGS = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))

@@ -32,7 +32,7 @@ from dsinstab.run.config import (
     resolve_ds_config,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------

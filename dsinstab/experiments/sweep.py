@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsinstab.commands.train import DEFAULT_DS_CONFIG, ROOT, add_set_argument, find_path, resolve
 from dsinstab.run.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
+from dsinstab.run.resolve import DEFAULT_DS_CONFIG, ROOT, add_set_argument, find_path, resolve
 
 TRAIN = ROOT / "scripts" / "train.py"
 SWEEP = ROOT / "scripts" / "sweep.py"

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dsinstab import forensics  # noqa: E402
+from dsinstab.reports import forensics  # noqa: E402
 from dsinstab.reports.render import html_figure, html_page, html_table, markdown_table, save_figure  # noqa: E402
 from dsinstab.reports.report import COLORS, ENDINGS, RunData, load_run  # noqa: E402
 from dsinstab.run.config import ConfigError  # noqa: E402

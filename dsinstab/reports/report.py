@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from dsinstab import overflow_report  # noqa: E402
+from dsinstab.reports import overflow_report  # noqa: E402
 from dsinstab.reports.render import (  # noqa: E402
     fmt,
     html_figure,
@@ -37,7 +37,7 @@ from dsinstab.reports.render import (  # noqa: E402
 from dsinstab.run.config import ConfigError  # noqa: E402
 from dsinstab.run.tracking import read_jsonl  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "reading-the-report.md"
 ENDINGS = {
     "finished": "finished",
