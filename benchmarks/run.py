@@ -54,7 +54,7 @@ from dsinstab.run.config import (  # noqa: E402
     read_ds_config,
     resolve_ds_config,
 )
-from dsinstab.run.engine import init_distributed  # noqa: E402
+from dsinstab.run.distributed import init_distributed  # noqa: E402
 
 DS_DIR = ROOT / "ds_configs"
 DEEPSPEED = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")

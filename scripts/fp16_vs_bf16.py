@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from dsinstab.reports.report import report_command  # noqa: E402
 from dsinstab.run.config import ConfigError, load_config  # noqa: E402
-from dsinstab.run.engine import free_port  # noqa: E402
+from dsinstab.run.distributed import free_port  # noqa: E402
 from dsinstab.run.resolve import add_set_argument, find_path, presets_help  # noqa: E402
 from dsinstab.run.status import EXIT_CODES  # noqa: E402
 from dsinstab.run.tracking import log_report  # noqa: E402

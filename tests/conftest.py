@@ -65,13 +65,13 @@ def one_rank():
     later do not inherit this rank's port; the launcher sets LOCAL_RANK for its own ranks."""
     import deepspeed.comm as dist  # (here: most test modules never need DeepSpeed in-process)
 
-    from dsinstab.run import engine as eng
+    from dsinstab.run.distributed import init_distributed
 
     saved = dict(os.environ)
     os.environ["TORCH_EXTENSIONS_DIR"] = str(TORCH_EXTENSIONS)
     created = not dist.is_initialized()
     try:
-        eng.init_distributed(lambda msg: None)
+        init_distributed(lambda msg: None)
     finally:
         os.environ.clear()
         os.environ.update(saved)

@@ -194,7 +194,7 @@ def _check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> None:
 
 
 def launch(cfg: RunConfig, args: argparse.Namespace, notes: list[str]) -> int:
-    from dsinstab.run.engine import process_group
+    from dsinstab.run.distributed import process_group
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     faulthandler.enable()  # a crashing rank (SIGSEGV, SIGABRT, ...) prints where each thread was

@@ -255,7 +255,7 @@ def train_command(source: Source, out: Path, plan: Plan, window: int, resume: bo
     script = str(ROOT / "scripts" / "train.py")
     head = [sys.executable, script]
     if source.world > 1:
-        from dsinstab.run.engine import free_port
+        from dsinstab.run.distributed import free_port
 
         port = free_port()
         launcher = Path(sys.executable).parent / "deepspeed"
