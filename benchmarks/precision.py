@@ -48,9 +48,10 @@ def measure(steps: int, sides: dict[str, tuple[str, str]], overrides: list[str] 
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from dsinstab.run.config import load_config, read_ds_config, resolve_ds_config
+    from dsinstab.run.config import load_config
     from dsinstab.run.data import BatchOrder, prepare_data
     from dsinstab.run.distributed import init_distributed
+    from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
     from dsinstab.run.engine import build_engine
     from dsinstab.run.lowp import compute_context, cpu_features, describe, engine_dtype, use_fp32_compute
     from dsinstab.run.model import build_model, lm_loss

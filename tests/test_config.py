@@ -10,14 +10,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, python_train
-from dsinstab.run.config import (
-    ConfigError,
-    RunConfig,
-    load_config,
-    precision,
-    read_ds_config,
-    resolve_ds_config,
-)
+from dsinstab.run.config import ConfigError, RunConfig, load_config
+from dsinstab.run.ds_config import precision, read_ds_config, resolve_ds_config
 
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 PRESETS = sorted((ROOT / "configs" / "presets").glob("*.yaml"))

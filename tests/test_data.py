@@ -17,7 +17,8 @@ import torch
 from conftest import ROOT, TINY, assert_ok, env, python_train, run_cmd, spawn
 from dsinstab.run import data as D
 from dsinstab.run.config import ConfigError, DatasetConfig
-from dsinstab.run.data import BatchOrder, documents, is_validation, load_corpus, prepare_data
+from dsinstab.run.corpus import documents, is_validation, load_corpus
+from dsinstab.run.data import BatchOrder, prepare_data
 
 SMALL = dict(max_chars=200_000, vocab_size=400)
 BYTES = dict(tokenizer="bytes", vocab_size=257)
@@ -367,6 +368,38 @@ def test_batch_order_is_a_pure_function_of_seed_and_epoch():
     c = BatchOrder(100, 4, 1, 0, seed=3)
     c.load_state_dict({"position": 37})
     assert torch.equal(c.next(), seq_a[37])
+
+
+def test_batch_order_reseed_reads_the_other_seed_at_the_same_position_and_survives_a_resume():
+    a = BatchOrder(100, 4, 1, 0, seed=3)
+    for _ in range(37):
+        a.next()
+    a.reseed(11)
+    assert a.position == 37 and a.seed == 11
+    fresh = BatchOrder(100, 4, 1, 0, seed=11)
+    fresh.position = 37
+    want = [fresh.next() for _ in range(30)]  # across an epoch boundary (25 micro batches each)
+    got = [a.next() for _ in range(5)]
+    assert all(torch.equal(x, y) for x, y in zip(got, want[:5]))
+    state = json.loads(json.dumps(a.state_dict()))  # as the checkpoint keeps it
+    assert state == {"position": 42, "seed": 11}
+    resumed = BatchOrder(100, 4, 1, 0, seed=3)  # built from the config's seed, as a resume does
+    resumed.load_state_dict(state)
+    assert resumed.seed == 11
+    assert all(torch.equal(resumed.next(), y) for y in want[5:])
+
+
+def test_batch_order_skip_reads_what_an_unbroken_order_reads_that_many_micro_batches_later():
+    unbroken = BatchOrder(100, 4, 2, 1, seed=5)
+    seq = [unbroken.next() for _ in range(40)]
+    a = BatchOrder(100, 4, 2, 1, seed=5)
+    for _ in range(3):
+        a.next()
+    a.skip(20)  # past the end of the first epoch (12 micro batches of 4 x 2 ranks)
+    assert a.position == 23
+    assert all(torch.equal(a.next(), y) for y in seq[23:40])
+    a.skip(0)
+    assert a.position == 40
 
 
 def test_batch_order_shards_ranks_disjointly():

@@ -23,7 +23,8 @@ from dsinstab.instruments.mitigations import (
 from dsinstab.instruments.optim import MitigatedAdamW
 from dsinstab.run import engine as eng
 from dsinstab.run import loop
-from dsinstab.run.config import ConfigError, ModelConfig, load_config, read_ds_config, resolve_ds_config
+from dsinstab.run.config import ConfigError, ModelConfig, load_config
+from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
 from dsinstab.run.lowp import compute_context
 from dsinstab.run.model import build_model, softcapped_attention
 from dsinstab.run.plugins import Plugins

@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT, TINY, ds_config
 from dsinstab.instruments.diagnostics import Diagnostics, MasterCopies
 from dsinstab.run import engine as eng
-from dsinstab.run.config import load_config, read_ds_config, resolve_ds_config
+from dsinstab.run.config import load_config
+from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
 from dsinstab.run.lowp import compute_context
 from dsinstab.run.model import build_model, lm_loss
 

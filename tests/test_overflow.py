@@ -17,7 +17,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 from conftest import ROOT, TINY, assert_ok, ds_config, launch, train_rows
 from dsinstab.instruments.overflow import FP16_MAX, OverflowAnatomy, count_below, skips_nonfinite_steps
 from dsinstab.run import engine as eng
-from dsinstab.run.config import load_config, read_ds_config, resolve_ds_config
+from dsinstab.run.config import load_config
+from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
 from dsinstab.run.lowp import compute_context
 from dsinstab.run.model import build_model, lm_loss
 
@@ -246,7 +247,8 @@ def test_a_launched_fp16_run_names_the_overflow_and_reports_headroom(tmp_path, c
     embedding output, in the forward pass; the headroom probe logs every layer; the report's table
     counts where the overflows started and the headroom plot is drawn."""
     from dsinstab.reports.overflow_report import overflow_table
-    from dsinstab.reports.report import load_run, write_report
+    from dsinstab.reports.report import write_report
+    from dsinstab.reports.run_data import load_run
 
     proc, run = launch(
         tmp_path,

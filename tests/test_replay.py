@@ -11,10 +11,12 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY, assert_ok, python_train, run_cmd
-from dsinstab.experiments import replay
+from dsinstab.commands import replay
 from dsinstab.reports import forensics
-from dsinstab.reports.report import load_run, report_command
-from dsinstab.run.config import load_config, read_ds_config, resolve_ds_config, to_yaml
+from dsinstab.reports.report import report_command
+from dsinstab.reports.run_data import load_run
+from dsinstab.run.config import load_config, to_yaml
+from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
 
 # ---------------------------------------------------------------------------------------------
 # What moved first, on a made-up run whose answer is known

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_ok, ds_config, launch, python_train, run_cmd, train_rows
-from dsinstab.reports.report import COLUMNS, LOG_FAMILIES, RunData, _draw_losses, load_run, summarize
+from dsinstab.reports.report import COLUMNS, LOG_FAMILIES, _draw_losses, summarize
+from dsinstab.reports.run_data import RunData, load_run
 from dsinstab.run.tracking import JsonlFile, read_jsonl
 
 PNGS = {"overview.png", "loss.png", "grad_norm.png", "loss_scale.png", "loss_difference.png"}

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY, assert_ok, run_cmd, spawn
-from dsinstab.experiments import sweep
+from dsinstab.commands import sweep
 from dsinstab.reports.sweep_report import write_sweep_report
 
 SWEEP = [sys.executable, str(ROOT / "scripts" / "sweep.py")]

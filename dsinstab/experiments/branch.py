@@ -20,7 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from dsinstab.run.config import ConfigError, precision
+from dsinstab.run.config import ConfigError
+from dsinstab.run.ds_config import precision
 from dsinstab.run.plugins import PluginBase
 
 BRANCH_INTERVENTIONS = "skip=FIRST-LAST, reshuffle=K (K >= 1) or reset_adam"
@@ -62,34 +63,24 @@ class Branch(PluginBase):
 
     def __init__(self):
         self.spec: dict = {}
-        self.run = None
+        self.order, self.gas = None, 1
 
     def arm(self, spec: dict) -> None:
         self.spec = dict(spec)
 
     def bind(self, run) -> None:
-        self.run = run
-        if self.spec.get("reshuffle"):
-            from dsinstab.run.data import BatchOrder
+        self.order, self.gas = run.order, run.cfg.trainer.gradient_accumulation_steps
+        if self.spec.get("reshuffle"):  # from the run's own seed: idempotent on a resume
+            self.order.reseed(reshuffled_seed(run.cfg.trainer.seed, self.spec["reshuffle"]))
 
-            old = run.order
-            run.order = BatchOrder(
-                old.n_blocks,
-                old.micro_batch,
-                old.world,
-                old.rank,
-                reshuffled_seed(old.seed, self.spec["reshuffle"]),
-            )
-            run.order.position = old.position
-        if self.spec.get("stop_at"):
-            # the loop reads max_steps each step; the engine's schedule was built before this
-            run.cfg.trainer.max_steps = self.spec["stop_at"]
+    def last_step(self, max_steps: int) -> int:
+        # the loop ends here; the engine's schedule, built from max_steps, is untouched
+        return self.spec.get("stop_at") or max_steps
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step) -> None:
         skip = self.spec.get("skip")
-        if skip and step == skip[0]:
-            gas = self.run.cfg.trainer.gradient_accumulation_steps
-            self.run.order.position += (skip[1] - skip[0] + 1) * gas
+        if skip and step.number == skip[0]:
+            self.order.skip((skip[1] - skip[0] + 1) * self.gas)
 
     def state_dict(self) -> dict:
         return dict(self.spec)

@@ -1,15 +1,14 @@
 """Spike forensics: replay a spike from one of RUN's checkpoints and try interventions on it.
 
-``scripts/replay.py`` (:func:`main`) picks RUN's newest checkpoint before the spike, runs the plain
-replay and one branch per intervention (each an ordinary run started by ``train.py --branch``, see
-:mod:`dsinstab.experiments.branch`), says whether the plain replay reproduced RUN, and writes the report
-(:mod:`dsinstab.reports.replay_report`).
+Here: the checkpoint to branch from, the branches (the plain replay and one per intervention, each
+an ordinary run started by ``train.py --branch``, see :mod:`dsinstab.experiments.branch`), their
+checks before anything is written, and running them. ``scripts/replay.py``
+(:mod:`dsinstab.commands.replay`) says whether the plain replay reproduced RUN and writes the
+report (:mod:`dsinstab.reports.replay_report`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
 import re
@@ -22,21 +21,18 @@ from pathlib import Path
 
 import yaml
 
-from dsinstab.run.config import (
-    PROBES,
-    SECTIONS,
-    YAML_OWNED,
-    ConfigError,
-    load_config,
-    precision,
-    resolve_ds_config,
-)
+from dsinstab.experiments.sweep import outcome, read_status
+from dsinstab.run.config import PROBES, SECTIONS, ConfigError, load_config
+from dsinstab.run.ds_config import YAML_OWNED, precision, resolve_ds_config
+from dsinstab.run.status import EXIT_BAD_INPUT, RunEnd
 
 ROOT = Path(__file__).resolve().parents[2]
+# the exit codes of a branch that ended with a result (not one that failed)
+OUTCOME_CODES = tuple(end.code for end in RunEnd if end.is_outcome)
 
 
 # ---------------------------------------------------------------------------------------------
-# The replay: scripts/replay.py
+# The branches: planned and checked before anything is written
 
 INTERVENTIONS = (
     "skip, skip=N, reshuffle, lr=X or lr=xF, z_loss=X, grad_clip=X, adam_eps=X, reset_adam, "
@@ -281,11 +277,7 @@ def train_command(source: Source, out: Path, plan: Plan, window: int, resume: bo
 
 def branch_state(run_dir: Path) -> str:
     """``done``, ``resume`` (a checkpoint to continue from) or ``start``."""
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        status = {}
-    if status.get("state") in ("finished", "min_loss_scale", "stopped"):  # each an outcome of the branch
+    if outcome(read_status(run_dir)):
         return "done"
     from dsinstab.run.checkpoint import Checkpointer
 
@@ -307,9 +299,9 @@ def run_branch(source: Source, out: Path, plan: Plan, window: int, say) -> int:
     say(
         f"branch {plan.name} ({plan.spec}): {'continued' if state == 'resume' else 'ran'} in "
         f"{time.time() - t0:.0f}s, exit code {code}"
-        + ("" if code in (0, 3, 4) else f" (failed: see {out / (plan.name + '.log')})")
+        + ("" if code in OUTCOME_CODES else f" (failed: see {out / (plan.name + '.log')})")
     )
-    if code == 2:  # bad input after all: the branch's own sentence is the last error line
+    if code == EXIT_BAD_INPUT:  # bad input after all: the branch's own sentence is the last error line
         lines = (out / f"{plan.name}.log").read_text().splitlines()
         raise ConfigError(
             next(
@@ -319,165 +311,12 @@ def run_branch(source: Source, out: Path, plan: Plan, window: int, say) -> int:
     return code
 
 
-# ---------------------------------------------------------------------------------------------
-# The command
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="replay.py",
-        description="Replay a spike of RUN from its newest checkpoint before STEP, exactly and with "
-        "interventions; report what changed and which series moved first.",
-        epilog="examples:\n  python scripts/replay.py runs/R --at 310 --window 40 --intervene skip reshuffle "
-        "lr=x0.5 --seeds 2\n  python scripts/replay.py runs/R --at 31 --from step-20 --intervene precision=bf16 "
-        "trainer.adam_beta2=0.99\n\ninterventions: " + INTERVENTIONS + "\n\nSee docs/forensics.md.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("run", metavar="RUN", help="the run directory that spiked")
-    p.add_argument("--at", type=int, required=True, metavar="STEP", help="the spike's step")
-    p.add_argument(
-        "--from",
-        dest="from_tag",
-        default=None,
-        metavar="TAG",
-        help="the checkpoint to branch from (default: RUN's newest before STEP)",
-    )
-    p.add_argument(
-        "--window",
-        type=int,
-        default=None,
-        metavar="N",
-        help="steps to run past STEP (default: 20, or up to RUN's trainer.max_steps)",
-    )
-    p.add_argument(
-        "--intervene",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SPEC",
-        help="one branch each (see below)",
-    )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=1,
-        metavar="K",
-        help="reshuffle: this many other batch orders (default: %(default)s)",
-    )
-    p.add_argument(
-        "--k",
-        type=float,
-        default=4.0,
-        help="what moved first: a series leaves its band beyond k robust sigmas (default: %(default)s)",
-    )
-    p.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="where the branches and the report go (default: RUN-replay-STEP beside RUN)",
-    )
-    return p.parse_args(argv)
-
-
-def prepare(args: argparse.Namespace) -> tuple[Source, list[Plan], Path, bool]:
-    """Everything checked, nothing written: the source, the branches, the output folder, and
-    whether it continues an earlier replay of the same request."""
-    run = Path(args.run)
-    if not (run / "config.yaml").exists() or not (run / "metrics.jsonl").exists():
-        raise ConfigError(f"RUN: {run} is not a run directory (it needs config.yaml and metrics.jsonl).")
-    for flag, value in (("--at", args.at), ("--window", args.window or 1), ("--seeds", args.seeds)):
-        if value < 1:
-            raise ConfigError(f"{flag}: must be at least 1, got {value}.")
-    tag, tag_step, world = choose_checkpoint(run, args.at, args.from_tag)
-    config = segment_config(run, tag_step + 1)
-    max_steps = config["trainer"]["max_steps"]
-    if args.window is None:
-        args.window = max(1, min(20, max_steps - args.at))
-    if args.at + args.window > max_steps:
-        raise ConfigError(
-            f"--window {args.window}: step {args.at + args.window} is past RUN's trainer.max_steps ({max_steps}), "
-            f"where its lr schedule ends; give at most {max_steps - args.at}."
-        )
-    source = Source(run, config, world, tag, tag_step, args.at)
-    plans = plan_branches(source, args.intervene, args.seeds)
-    out = Path(args.out) if args.out else run.parent / f"{run.name}-replay-{args.at}"
-    request = request_of(source, plans, args)
-    resume = out.exists()
-    if resume:
-        try:
-            earlier = json.loads((out / "replay.json").read_text())
-        except (OSError, ValueError):
-            earlier = None
-        if earlier != request:
-            raise ConfigError(
-                f"--out {out}: already exists and holds {'another replay' if earlier else 'other files'}; "
-                "pick another --out, or repeat that replay's exact command to continue it."
-            )
-    check_plans(source, plans, out, args.window)
-    return source, plans, out, resume
-
-
-def request_of(source: Source, plans: list[Plan], args: argparse.Namespace) -> dict:
-    return {
-        "run": str(source.path.resolve()),
-        "at": source.at,
-        "from": source.tag,
-        "window": args.window,
-        "branches": [p.name for p in plans],
-    }
-
-
 def write_inputs(source: Source, plans: list[Plan], out: Path, request: dict) -> None:
+    """What the branches train from (RUN's config as a preset, a ds_config per precision) and the
+    request, which a repeated command must match to continue the replay."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "source.yaml").write_text(preset_text(source.config))
     for plan in plans:
         name = f"ds_config-{plan.precision or source.precision}.json"
         (out / name).write_text(json.dumps(branch_ds_config(source, plan), indent=1))
     (out / "replay.json").write_text(json.dumps(request, indent=1))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # DeepSpeed's logger, made when it is first imported, writes to the stdout of that moment:
-    # make it stderr, so stdout holds the replay's own lines
-    with contextlib.redirect_stdout(sys.stderr):
-        import dsinstab.reports.replay_report  # noqa: F401
-        import dsinstab.run.checkpoint  # noqa: F401
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-
-    try:
-        source, plans, out, resume = prepare(args)
-        write_inputs(source, plans, out, request_of(source, plans, args))
-        said: list[str] = []  # the plain replay's line waits: whether it was exact comes first
-        codes = {plans[0].name: run_branch(source, out, plans[0], args.window, said.append)}
-        from dsinstab.run.tracking import read_jsonl
-
-        plain = out / plans[0].name / "metrics.jsonl"
-        from dsinstab.reports.replay_report import exactness
-
-        exact, line = exactness(
-            read_jsonl(source.path / "metrics.jsonl"),
-            read_jsonl(plain) if plain.exists() else [],
-            source.tag_step + 1,
-            source.at,
-        )
-        say(line)
-        say(
-            f"replaying {source.path} from {tag_name(source)} to step {source.at + args.window}: "
-            f"{len(plans)} branch(es) under {out}" + (" (continuing)" if resume else "")
-        )
-        for msg in said:
-            say(msg)
-        for plan in plans[1:]:
-            codes[plan.name] = run_branch(source, out, plan, args.window, say)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from dsinstab.reports.replay_report import write_replay_report
-
-    report, sentence = write_replay_report(source, plans, codes, out, args.window, args.k, line)
-    say(sentence)
-    say(f"report: {report / 'report.html'} (and report.md, *.png)")
-    return 0 if all(c in (0, 3, 4) for c in codes.values()) else 1

@@ -10,6 +10,7 @@ with nothing written. A point whose ``status.json`` says it ended for good (fini
 minimum loss scale, or stopped by a detector: a divergence is a result) is skipped; any other
 point resumes from its latest checkpoint, or starts over. ``--emit`` writes the commands for a
 scheduler instead; ``dsinstab.reports.sweep_report`` analyses the run directories wherever they ran.
+The command line is :mod:`dsinstab.commands.sweep`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsinstab.run.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
-from dsinstab.run.resolve import DEFAULT_DS_CONFIG, ROOT, add_set_argument, find_path, resolve
+from dsinstab.run.resolve import DEFAULT_DS_CONFIG, ROOT, find_path, resolve
+from dsinstab.run.status import EXIT_INTERRUPTED, RunEnd
 
 TRAIN = ROOT / "scripts" / "train.py"
 SWEEP = ROOT / "scripts" / "sweep.py"
@@ -39,8 +41,6 @@ GRID_KEYS = ("name", "config_dir", "ds_config", "preset", "set", "lrs", "seeds",
 VARIANT_KEYS = ("set", "ds_config", "preset")
 # keys the grid sets per point: a grid that sets them itself would make every point the same run
 OWNED = ("trainer.lr", "trainer.seed", "utils.run_name", "utils.output_dir")
-# a point that ended this way is a result: a rerun skips it (README: status.json and exit codes)
-ENDED = ("finished", "min_loss_scale", "stopped")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -242,7 +242,7 @@ def _distinct(points: list[Point], section: str) -> list[Point]:
 
 def _check_corpora(path: Path, points: list[Point]) -> None:
     """What train.py checks before it loads data (the corpus exists), once per distinct corpus."""
-    from dsinstab.run.data import corpus_spec
+    from dsinstab.run.corpus import corpus_spec
 
     for p in _distinct(points, "dataset"):
         try:
@@ -277,6 +277,13 @@ def read_status(run_dir: Path) -> dict:
         return {}
 
 
+def outcome(status: dict) -> RunEnd | None:
+    """How a run ended, where that ending is its result (finished, died at the minimum loss scale,
+    stopped by a detector: a rerun skips it); ``None`` for any other state or none."""
+    end = RunEnd.of(status.get("state"))
+    return end if end is not None and end.is_outcome else None
+
+
 def plan(point: Point) -> str:
     """``done`` (ended for good), ``new`` (no run directory), ``resume`` (a checkpoint to go on
     from) or ``restart`` (a run directory without one: killed early, or crashed)."""
@@ -284,8 +291,8 @@ def plan(point: Point) -> str:
     if not d.exists():
         return "new"
     status = read_status(d)
-    state = status.get("state")
-    if state in ENDED and (state != "finished" or status.get("step", 0) >= point.cfg.trainer.max_steps):
+    end = outcome(status)
+    if end and (end is not RunEnd.finished or status.get("step", 0) >= point.cfg.trainer.max_steps):
         return "done"
     return "resume" if (d / "checkpoints" / "latest").is_file() else "restart"
 
@@ -301,30 +308,6 @@ def train_command(point: Point, mode: str) -> list[str]:
     elif mode == "restart":
         cmd += ["--overwrite"]
     return cmd
-
-
-def run_point(grid: Grid, which: str) -> int:
-    """``--point NAME|INDEX``: the one point, decided when it starts (a scheduler may requeue it)."""
-    point = _find_point(grid, which)
-    mode = plan(point)
-    if mode == "done":
-        print(f"{point.name}: already ended ({read_status(point.run_dir).get('state')}); nothing to do")
-        return 0
-    cmd = train_command(point, mode)
-    print(f"{point.name} ({mode}): {shlex.join(cmd)}", flush=True)
-    os.execv(cmd[0], cmd)  # the point's exit code is train.py's own
-
-
-def _find_point(grid: Grid, which: str) -> Point:
-    if which.isdigit() and int(which) < len(grid.points):
-        return grid.points[int(which)]
-    for p in grid.points:
-        if p.name == which:
-            return p
-    raise ConfigError(
-        f"--point: {which!r} is neither a point of {grid.path} nor an index below {len(grid.points)}; "
-        f"points: {', '.join(p.name for p in grid.points[:4])}, ..."
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +387,7 @@ def _die_with_parent() -> None:
 
 def run_local(grid: Grid, parallel: int | None, say=print) -> int:
     """Run every point not yet done, ``parallel`` at a time; returns 0 when every point ended
-    for good, 130 when interrupted, 1 when some point failed (its log says why)."""
+    for good, ``EXIT_INTERRUPTED`` (130) when interrupted, 1 when some point failed (its log says why)."""
     from filelock import FileLock, Timeout
 
     grid.out.mkdir(parents=True, exist_ok=True)
@@ -486,14 +469,14 @@ def _run(grid: Grid, slots: list[dict], say) -> int:
                     f"    {point.name}: {status.get('state', 'no status')} at step {status.get('step', '?')} "
                     f"(exit {code}, {time.time() - t0:.0f}s)"
                 )
-                if status.get("state") not in ENDED and code != 130:
+                if not outcome(status) and code != EXIT_INTERRUPTED:
                     failed.append(point.name)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
     if stop:
         say(f"sweep interrupted: {len(todo)} point(s) not started; run the same command again to continue")
-        return 130
+        return EXIT_INTERRUPTED
     if failed:
         say(
             f"{len(failed)} point(s) failed: {', '.join(failed)}; see {grid.out / 'logs'}; "
@@ -506,100 +489,3 @@ def _run(grid: Grid, slots: list[dict], say) -> int:
 def _append(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# The command line
-
-
-EXAMPLES = """\
-examples:
-  # the quick LR-sensitivity grid on a CPU, two points at a time; report in runs/lr-sensitivity-quick/report/
-  python scripts/sweep.py configs/sweeps/lr-sensitivity-quick.yaml --parallel 2
-  # fp16 against bf16 across learning rates, on every GPU of this machine (one point per GPU)
-  python scripts/sweep.py configs/sweeps/fp16-vs-bf16-lr.yaml
-  # a SLURM array instead (one GPU per point), then the analysis once it has run
-  python scripts/sweep.py configs/sweeps/lr-sensitivity.yaml --emit slurm
-  python scripts/sweep.py configs/sweeps/lr-sensitivity.yaml --analyze-only
-
-A killed or interrupted sweep continues where it was when run again: points that ended
-(finished, died at the minimum loss scale, stopped by a detector) are skipped, the rest resume
-from their latest checkpoint or start over. docs/sweeps.md describes the grid file and the report.
-"""
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="sweep.py",
-        description="Train a grid of runs (learning rates x variants x seeds) and report LR sensitivity.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("grid", metavar="GRID.yaml", help="the grid (configs/sweeps/ has ready ones)")
-    p.add_argument(
-        "--parallel",
-        type=int,
-        default=None,
-        metavar="N",
-        help="points at a time (default: one per GPU; 1 on a CPU, whose cores the points share)",
-    )
-    p.add_argument(
-        "--emit",
-        choices=("commands", "slurm"),
-        default=None,
-        help="write commands.txt or sweep.sbatch into the sweep folder instead of running",
-    )
-    p.add_argument(
-        "--out",
-        default=None,
-        metavar="DIR",
-        help="the sweep folder (default: <utils.output_dir>/<grid name>, e.g. runs/lr-sensitivity)",
-    )
-    p.add_argument(
-        "--analyze-only",
-        "--analyze_only",
-        dest="analyze_only",
-        action="store_true",
-        help="only write the report from the run directories there are",
-    )
-    p.add_argument(
-        "--point",
-        default=None,
-        metavar="NAME|INDEX",
-        help="run one point (what the emitted commands call): skipped if ended, resumed if it can be",
-    )
-    add_set_argument(p, argparse.SUPPRESS)  # hidden: grids carry their overrides
-    args = p.parse_args(argv)
-    if args.parallel is not None and args.parallel < 1:
-        p.error("--parallel must be at least 1")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.overrides:
-            raise ConfigError(
-                "--set: put overrides in the grid file (set: or a variant's set:), not on the command line."
-            )
-        grid = load_grid(find_path(args.grid), args.out)
-        if args.point is not None:
-            return run_point(grid, args.point)
-        if args.emit:
-            path = emit(grid, args.emit, args.parallel)
-            print(f"wrote {path}")
-            print(f"once the points have run: python {SWEEP} {args.grid} --out {grid.out} --analyze-only")
-            return 0
-        code = 0
-        if not args.analyze_only:
-            code = run_local(grid, args.parallel)
-            if code == 130:
-                return code
-        from dsinstab.reports.sweep_report import write_sweep_report
-
-        report = write_sweep_report(grid)
-        print(f"report: {report / 'report.html'} (and report.md, *.png)")
-        return code
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2

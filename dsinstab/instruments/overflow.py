@@ -25,27 +25,19 @@ MAX, underflow shares with a mean.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 
 import deepspeed.comm as dist
 import torch
 
+from dsinstab.instruments.base import Context, Instrument, probe_names
+from dsinstab.instruments.layers import layer_of, layer_order
 from dsinstab.run import engine as eng
-from dsinstab.run.config import TrainerConfig
-from dsinstab.run.plugins import PluginBase
+from dsinstab.run.plugins import Step, world_size
 from dsinstab.run.tracking import json_safe
 
 FP16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 FP16_TINY = 2.0**-24  # fp16's smallest subnormal: a scaled gradient below it is lost as 0
-LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)(?:\.|$)")
-
-
-def layer_group(module: str) -> str:
-    """``layer_<i>`` for a block and everything in it; ``embed`` for embeddings, final norm and head
-    (the grouping of ``diag/grad_norm/*``)."""
-    m = LAYER_RE.search(module)
-    return f"layer_{m.group(1)}" if m else "embed"
 
 
 @dataclass(frozen=True)
@@ -60,7 +52,7 @@ class Slot:
 
     @property
     def group(self) -> str:
-        return layer_group(self.module)
+        return layer_of(self.module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,16 +232,17 @@ def skips_nonfinite_steps(engine) -> bool:
 # The plug-in
 
 
-class OverflowAnatomy(PluginBase):
+class OverflowAnatomy(Instrument):
     """``overflow`` events naming the first non-finite tensor, and the ``headroom`` probe."""
 
     name = "overflow"
+    key = "trainer.overflow.locate"
 
-    def __init__(self, tc: TrainerConfig, model: torch.nn.Module, engine):
-        probes = [p.strip() for p in tc.diagnostics.probes.split(",")]
-        self.every = tc.diagnostics.every if "headroom" in probes else 0
+    def __init__(self, ctx: Context):
+        tc, model, engine = ctx.cfg.trainer, ctx.model, ctx.engine
+        self.every = tc.diagnostics.every if "headroom" in probe_names(ctx.cfg) else 0
         self.locate = tc.overflow.locate
-        self.engine, self.run = engine, None
+        self.engine, self.sink = engine, None
         self.fp16 = bool(engine.fp16_enabled())
         self.precision = "fp16" if self.fp16 else "bf16" if engine.bfloat16_enabled() else "fp32"
         # gradients as fp16 would hold them: already times the loss scale in an fp16 run
@@ -262,7 +255,7 @@ class OverflowAnatomy(PluginBase):
         self.prev_step = 0
         self.last_finite = torch.full((n,), -1.0, device=device)
         self.last_finite_step = torch.zeros(n, device=device)
-        self.groups = sorted({s.group for s in self.slots}, key=_group_order)
+        self.groups = sorted({s.group for s in self.slots}, key=layer_order)
         self.group_of = {
             kind: torch.tensor(
                 [self.groups.index(s.group) if s.pass_ == kind else len(self.groups) for s in self.slots],
@@ -270,21 +263,22 @@ class OverflowAnatomy(PluginBase):
             )
             for kind in ("forward", "backward")
         }
-        self.step, self.scale, self.probe, self.record = 0, None, False, None
+        self.step, self.scale, self.probe, self.record, self.step_max = 0, None, False, None, None
+        self.blocks: list = []
         self.last_event: dict | None = None
         self._ids_cache: dict[tuple, torch.Tensor] = {}
 
-    @staticmethod
-    def wanted(tc: TrainerConfig) -> bool:
-        probes = [p.strip() for p in tc.diagnostics.probes.split(",")]
-        return tc.overflow.locate or (bool(tc.diagnostics.every) and "headroom" in probes)
+    @classmethod
+    def wanted(cls, cfg) -> bool:
+        tc = cfg.trainer
+        return tc.overflow.locate or (bool(tc.diagnostics.every) and "headroom" in probe_names(cfg))
 
     def bind(self, run) -> None:
-        self.run = run
+        self.sink = run.sink
 
-    def begin_step(self, step: int) -> None:
-        self.step = step
-        self.probe = bool(self.every) and step % self.every == 0
+    def begin_step(self, step: Step) -> None:
+        self.step = step.number
+        self.probe = bool(self.every) and step.number % self.every == 0
         self.scale = eng.loss_scale(self.engine)  # the scale this step's backward multiplies by
         if self.locate or self.probe:
             self.watch.start(FP16_TINY / self.grad_scale if self.probe else None)
@@ -294,19 +288,32 @@ class OverflowAnatomy(PluginBase):
         """What turns a gradient of this run into the one fp16 would hold."""
         return 1.0 if self.fp16 else float(self.assumed_scale)
 
-    def after_step(self) -> None:
-        self.record = self.watch.stop()
+    def after_step(self, step: Step) -> None:
+        self.record, self.blocks = self.watch.stop(), step.blocks
 
-    def collect(self) -> dict:
-        record, self.record = self.record, None
+    def readings(self, step: Step) -> dict:
+        """Where DeepSpeed does not skip non-finite steps, whether this rank saw one (reduced with
+        MAX); on probe steps the headroom maxima and underflow shares."""
+        if self.record is None:
+            return {}
+        self.step_max = self.record.slot_max(len(self.slots), self._device_ids(self.record.ids))
+        out = {}
+        if self.locate and not self.skips:
+            out["nonfinite"] = ((~torch.isfinite(self.record.mag)).any().float(), "max")
+        if self.probe:
+            maxima, share = self._headroom_readings(self.record, self.step_max)
+            out |= {"maxima": (maxima, "max"), "share": (share, "mean")}
+        return out
+
+    def collect(self, step: Step, values: dict) -> dict:
+        record, step_max, self.record, self.step_max = self.record, self.step_max, None, None
         if record is None:
             return {}
-        step_max = record.slot_max(len(self.slots), self._device_ids(record.ids))
         out = {}
-        if self.locate and self._overflowed(record):
+        if self.locate and self._overflowed(values):
             self._write_event(record)
         if self.probe:
-            out = self._headroom(record, step_max)
+            out = self._headroom(values["maxima"], values["share"])
         seen = step_max >= 0
         finite = seen & torch.isfinite(step_max)
         self.last_finite = torch.where(finite, step_max, self.last_finite)
@@ -327,16 +334,11 @@ class OverflowAnatomy(PluginBase):
 
     # -- the overflow ---------------------------------------------------------------------------
 
-    def _overflowed(self, record: StepRecord) -> bool:
+    def _overflowed(self, values: dict) -> bool:
         """The same answer on every rank. Where DeepSpeed skips non-finite steps its flag is global
         and on the host already; elsewhere (fp32 without ZeRO, bf16 with ``check_grad_overflow``
-        off) the ranks' own findings are reduced: one small all-reduce per step there."""
-        if self.skips:
-            return eng.overflowed(self.engine)
-        flag = (~torch.isfinite(record.mag)).any().float().reshape(1)
-        if _world() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        off) the ranks' own findings, reduced with the step's readings."""
+        return eng.overflowed(self.engine) if self.skips else values["nonfinite"] > 0
 
     def _first_nonfinite(self, record: StepRecord) -> dict | None:
         """This rank's first non-finite entry, with the same tensor's magnitude before (host sync:
@@ -368,7 +370,7 @@ class OverflowAnatomy(PluginBase):
 
     def _write_event(self, record: StepRecord) -> None:
         found = self._first_nonfinite(record)
-        rank, world = (dist.get_rank(), _world()) if dist.is_initialized() else (0, 1)
+        rank, world = (dist.get_rank(), world_size()) if dist.is_initialized() else (0, 1)
         per_rank = [found]
         if world > 1:
             per_rank = [None] * world
@@ -393,22 +395,19 @@ class OverflowAnatomy(PluginBase):
             event["assumed_loss_scale"] = self.assumed_scale
         if world > 1:
             event["ranks"] = per_rank
-        if self.run is not None:
+        indices = [self.blocks]
+        if world > 1:
             indices = [None] * world
-            if world > 1:
-                dist.all_gather_object(indices, self.run.step_indices)
-            else:
-                indices = [self.run.step_indices]
-            event["batch_indices"] = indices
+            dist.all_gather_object(indices, self.blocks)
+        event["batch_indices"] = indices
         self.last_event = json_safe(event)
-        if self.run is not None and rank == 0:
-            self.run.sink.event(self.last_event)
+        if self.sink is not None and rank == 0:
+            self.sink.event(self.last_event)
 
     # -- headroom -------------------------------------------------------------------------------
 
-    def _headroom(self, record: StepRecord, step_max: torch.Tensor) -> dict:
-        """Per layer: max |activation| and max |scaled gradient| over 65504, and the underflow share;
-        reduced across ranks in two all-reduces, read to the host in one copy."""
+    def _headroom_readings(self, record: StepRecord, step_max: torch.Tensor):
+        """Per layer: max |activation| and max |scaled gradient| (one row), and the underflow share."""
         n_groups, device = len(self.groups), step_max.device
 
         def group_max(kind: str) -> torch.Tensor:
@@ -422,13 +421,12 @@ class OverflowAnatomy(PluginBase):
             g = self.groups.index(self.slots[slot].group)
             below[g] += count
             total[g] += numel
-        share = torch.where(total > 0, below / total.clamp(min=1), -1.0)
-        if _world() > 1:
-            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-            dist.all_reduce(share)
-            share /= _world()
-        values = torch.cat([maxima, share]).tolist()  # the probe step's one host copy
-        act, grad, shares = values[:n_groups], values[n_groups : 2 * n_groups], values[2 * n_groups :]
+        return maxima, torch.where(total > 0, below / total.clamp(min=1), -1.0)
+
+    def _headroom(self, maxima: list[float], shares: list[float]) -> dict:
+        """The headroom metrics from the reduced readings: fractions of 65504, underflow shares."""
+        n_groups = len(self.groups)
+        act, grad = maxima[:n_groups], maxima[n_groups:]
         out = {"diag/headroom_loss_scale": self.scale if self.fp16 else self.assumed_scale}
         for i, g in enumerate(self.groups):
             for family, v in (("act", act[i]), ("grad", grad[i])):
@@ -459,17 +457,3 @@ class OverflowAnatomy(PluginBase):
         self.prev_step = state["prev_step"]
         self.last_finite = torch.tensor(state["last_finite"], device=device)
         self.last_finite_step = torch.tensor(state["last_finite_step"], device=device)
-
-
-def overflow_plugins(tc: TrainerConfig, model: torch.nn.Module, engine) -> list[OverflowAnatomy]:
-    """The run's overflow plug-in, or none when neither ``trainer.overflow.locate`` nor the
-    ``headroom`` probe asks for one (then no hooks are installed at all)."""
-    return [OverflowAnatomy(tc, model, engine)] if OverflowAnatomy.wanted(tc) else []
-
-
-def _group_order(group: str) -> tuple[int, int]:
-    return (0, 0) if group == "embed" else (1, int(group.split("_")[1]))
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1

@@ -1,7 +1,8 @@
-"""Spike detectors, the OLMo 2 spike score, and the policy that turns a firing into an action.
+"""Spike detectors and the OLMo 2 spike score, as one plug-in: :class:`SpikeMonitor`.
 
 Every input is a value already reduced across ranks (the mean loss, DeepSpeed's global grad norm,
-its loss scale), so every rank holds the same detector state and takes the same decision. All
+its loss scale), so every rank holds the same detector state and reports the same firings; what a firing does is the
+run's to decide (:mod:`dsinstab.run.actions`). All
 state round-trips through ``state_dict`` and rides in the checkpoint: a resumed run fires exactly
 where the unbroken run would.
 """
@@ -10,21 +11,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
 from statistics import median
 
+from dsinstab.instruments.base import Context, Instrument
 from dsinstab.run.config import SpikesConfig
+from dsinstab.run.ds_config import precision
+from dsinstab.run.plugins import Firing, Step, firing_record
+from dsinstab.run.tracking import json_safe
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
-
-
-@dataclass
-class Firing:
-    kind: str
-    value: float
-    threshold: float | None = None
-    baseline: float | None = None
-    series: str | None = None  # for a level shift: "loss" or "grad_norm"
 
 
 class RobustSpikeDetector:
@@ -172,8 +167,13 @@ class LossScaleDetector:
         )
 
 
-class SpikeMonitor:
-    """All detectors, the spike scores, and the action policy (cooldown, caps)."""
+class SpikeMonitor(Instrument):
+    """All detectors and the spike scores, fed the step's reduced loss, grad norm, overflow flag and
+    loss scale. Level shifts are recorded as events with no action (the spike that began one had
+    its own); the other firings go to the run's action policy."""
+
+    name = "spikes"
+    key = "trainer.spikes"
 
     def __init__(self, cfg: SpikesConfig, fp16: bool):
         self.cfg, self.fp16 = cfg, fp16
@@ -185,11 +185,36 @@ class SpikeMonitor:
         self.score_grad = SpikeScore(cfg.score_window, cfg.score_sigma)
         self.scale = LossScaleDetector(cfg.max_consecutive_overflows, cfg.min_loss_scale)
         self.nonfinite = [False, False]
-        self.last_checkpoint_step = -(10**9)
-        self.checkpoints = 0
-        self.rollbacks = 0
-        self.fired = 0
-        self.level_shifts: list[Firing] = []  # recorded, no action: taken by pop_level_shifts
+        self.fired = 0  # steps that fired
+        self.found: list[Firing] = []
+        self.level_shifts: list[Firing] = []
+        self.sink = None
+
+    @classmethod
+    def wanted(cls, cfg) -> bool:
+        return True  # every run watches for spikes; trainer.spikes.action says what follows
+
+    @classmethod
+    def build(cls, ctx: Context) -> SpikeMonitor:
+        return cls(ctx.cfg.trainer.spikes, precision(ctx.cfg.ds_config) == "fp16")
+
+    def bind(self, run) -> None:
+        self.sink = run.sink
+
+    def collect(self, step: Step, values: dict) -> dict:
+        self.found, metrics = self.observe(step.loss, step.norm, step.overflow, step.loss_scale)
+        for shift in self.pop_level_shifts():  # recorded, no action: its spike had one
+            self.sink.event(json_safe({"step": step.number, **firing_record(shift), "action": "none"}))
+        return metrics
+
+    def pop_level_shifts(self) -> list[Firing]:
+        """The level shifts found since the last call (record them as events; they take no action)."""
+        shifts, self.level_shifts = self.level_shifts, []
+        return shifts
+
+    def firings(self, step: Step) -> list[Firing]:
+        found, self.found = self.found, []
+        return found
 
     def observe(
         self, loss: float, grad_norm: float, overflow: bool, scale: float | None
@@ -199,7 +224,6 @@ class SpikeMonitor:
         over, to be recorded without an action (the spike that began it already had one)."""
         firings = []
         # Non-finite values are episodes too: the first of a run of them fires.
-        # An fp16 overflow is a skipped step, not a broken one: its infinite norm is expected.
         # fp16's scaler skips overflowed steps by design: their infinite norm is expected. DeepSpeed
         # also skips bf16 and fp32 steps whose gradients are not finite, and there it is a fault.
         bad_loss = not math.isfinite(loss)
@@ -227,28 +251,6 @@ class SpikeMonitor:
         metrics = {"spike/fired": int(bool(firings)), **{k: v for k, v in scores.items() if v is not None}}
         return firings, metrics
 
-    def pop_level_shifts(self) -> list[Firing]:
-        """The level shifts found since the last call (record them as events; they take no action)."""
-        shifts, self.level_shifts = self.level_shifts, []
-        return shifts
-
-    def decide(self, step: int) -> str:
-        """The action for firings at ``step``: the configured one, held back by cooldown and caps."""
-        action = self.cfg.action
-        if action == "checkpoint":
-            if (
-                self.checkpoints >= self.cfg.max_checkpoints
-                or step - self.last_checkpoint_step < self.cfg.cooldown
-            ):
-                return "none"
-            self.checkpoints += 1
-            self.last_checkpoint_step = step
-        elif action == "rollback":
-            if self.rollbacks >= self.cfg.max_rollbacks:
-                return "stop"
-            self.rollbacks += 1
-        return action
-
     def state_dict(self) -> dict:
         return {
             "loss": self.loss.state_dict(),
@@ -257,24 +259,16 @@ class SpikeMonitor:
             "score_grad": self.score_grad.state_dict(),
             "scale": self.scale.state_dict(),
             "nonfinite": list(self.nonfinite),
-            "policy": {
-                "last_checkpoint_step": self.last_checkpoint_step,
-                "checkpoints": self.checkpoints,
-                "rollbacks": self.rollbacks,
-                "fired": self.fired,
-            },
+            "fired": self.fired,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
         self.loss.load_state_dict(state["loss"])
         self.grad.load_state_dict(state["grad"])
         self.score_loss.load_state_dict(state["score_loss"])
         self.score_grad.load_state_dict(state["score_grad"])
         self.scale.load_state_dict(state["scale"])
         self.nonfinite = list(state["nonfinite"])
-        for k, v in state["policy"].items():
-            setattr(self, k, v)
-
-
-def firing_record(f: Firing) -> dict:
-    return {k: v for k, v in asdict(f).items() if v is not None}
+        self.fired = state.get("fired", state.get("policy", {}).get("fired", 0))

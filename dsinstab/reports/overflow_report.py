@@ -1,6 +1,6 @@
 """The overflow part of the comparison report: the headroom plot and the overflow table.
 
-Both read :class:`dsinstab.reports.report.RunData`: the ``diag/headroom_*`` and ``diag/underflow/*``
+Both read :class:`dsinstab.reports.run_data.RunData`: the ``diag/headroom_*`` and ``diag/underflow/*``
 metrics of the ``headroom`` probe and the ``overflow`` events (``dsinstab.instruments.overflow``).
 ``docs/overflow-anatomy.md`` explains how to read them.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -19,9 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dsinstab.instruments.overflow import FP16_MAX  # noqa: E402
 from dsinstab.reports.render import mark_top_edge, number, save_figure  # noqa: E402
-
-if TYPE_CHECKING:
-    from dsinstab.reports.report import RunData  # report.py renders this module's table and plot
+from dsinstab.reports.run_data import RunData  # noqa: E402
 
 ROWS = (
     ("headroom_act", "max |activation| / 65504"),

@@ -17,8 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = (
-    "body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}"
+STYLE = (  # after the body's rule, whose max-width is the page's
     "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
     "th{background:#f3f3f3}img{max-width:100%}.note{background:#fff6d6;padding:.5em}"
 )
@@ -41,16 +40,17 @@ def number(v) -> float | None:
         return None
 
 
-def markdown_table(columns: list[str], rows: list[dict], digits: int = 4) -> str:
+def markdown_table(columns: list[str], rows: list[dict], digits: int = 4, cell=fmt) -> str:
+    """``cell(value, digits)`` writes each cell (:func:`fmt` unless a report has its own)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c), digits) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(c), digits) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def html_table(columns: list[str], rows: list[dict], digits: int = 4) -> str:
+def html_table(columns: list[str], rows: list[dict], digits: int = 4, cell=fmt) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c), digits))}</td>" for c in columns) + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(cell(r.get(c), digits))}</td>" for c in columns) + "</tr>"
         for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -62,10 +62,12 @@ def html_figure(path: Path) -> str:
     return f'<figure><img alt="{path.stem}" src="data:image/png;base64,{data}"><figcaption>{path.stem}</figcaption></figure>'
 
 
-def html_page(title: str, body: str) -> str:
+def html_page(title: str, body: str, width: int = 1100) -> str:
+    """The self-contained page: ``title`` as its heading, ``body`` below, at most ``width`` pixels wide."""
+    style = f"body{{font-family:system-ui,sans-serif;margin:2em;max-width:{width}px}}{STYLE}"
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
     )
 
 

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dsinstab.reports import forensics  # noqa: E402
 from dsinstab.reports.render import html_figure, html_page, html_table, markdown_table, save_figure  # noqa: E402
-from dsinstab.reports.report import COLORS, ENDINGS, RunData, load_run  # noqa: E402
+from dsinstab.reports.run_data import COLORS, RunData, ending, load_run  # noqa: E402
 from dsinstab.run.config import ConfigError  # noqa: E402
 from dsinstab.run.tracking import json_safe  # noqa: E402
 
@@ -193,7 +193,7 @@ def write_replay_report(
     orig_row = {
         "branch": "original",
         "intervention": "RUN as it ran",
-        "ended": ENDINGS.get(original.status.get("state"), "-"),
+        "ended": ending(original.status.get("state"), "-"),
     }
     rows.append(orig_row | recovery(original, start, end, baseline, threshold))
     for plan in plans:
@@ -206,7 +206,7 @@ def write_replay_report(
         branches.append(run)
         rows.append(
             row
-            | {"ended": ENDINGS.get(run.status.get("state"), "-")}
+            | {"ended": ending(run.status.get("state"), "-")}
             | recovery(run, start, end, baseline, threshold)
         )
     sentence = verdict(rows[1:])

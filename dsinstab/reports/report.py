@@ -1,4 +1,4 @@
-"""Reading run directories, aligning them by step, plots and the comparison report.
+"""Runs aligned by step: plots and the comparison report (runs are read by :mod:`dsinstab.reports.run_data`).
 
 ``python scripts/compare.py RUN [RUN ...] --out DIR`` writes PNG plots, ``report.md`` and a
 self-contained ``report.html`` (plots embedded). The first two runs are the pair the difference
@@ -14,7 +14,6 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -34,83 +33,14 @@ from dsinstab.reports.render import (  # noqa: E402
     number,
     save_figure,
 )
+from dsinstab.reports.run_data import COLORS, RunData, ending, load_run  # noqa: E402
 from dsinstab.run.config import ConfigError  # noqa: E402
 from dsinstab.run.tracking import read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "reading-the-report.md"
-ENDINGS = {
-    "finished": "finished",
-    "stopped": "stopped by a detector",
-    "min_loss_scale": "died at the minimum loss scale",
-    "interrupted": "interrupted (resumable)",
-    "checkpoint_failed": "stopped: a checkpoint could not be written",
-    "running": "still running or killed",
-}
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 # diag/ families drawn on a log scale: positive quantities that grow by orders of magnitude
 LOG_FAMILIES = ("attn_logit_max", "grad_norm", "param_norm", "update_ratio", "adam_rms_over_eps", "act_rms")
-
-
-@dataclass
-class RunData:
-    name: str
-    path: Path
-    config: dict
-    metrics: list[dict]
-    events: list[dict] = field(default_factory=list)
-    status: dict = field(default_factory=dict)
-
-    def series(self, key: str) -> tuple[list[int], list[float]]:
-        """Steps and values of one metric, in step order (absent steps left out)."""
-        rows = [(r["step"], r[key]) for r in self.metrics if key in r]
-        return [s for s, _ in rows], [v for _, v in rows]
-
-    @property
-    def precision(self) -> str:
-        ds = self.config.get("ds_config", {})
-        return (
-            "fp16"
-            if ds.get("fp16", {}).get("enabled")
-            else "bf16"
-            if ds.get("bf16", {}).get("enabled")
-            else "fp32"
-        )
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.precision})"
-
-    @property
-    def firings(self) -> list[tuple[int, str]]:
-        """(step, kind) of every detector firing: each spike event lists the firings of its step.
-        Events without firings (a rollback, DeepSpeed giving up, a failed checkpoint) are not spikes."""
-        return [(e["step"], f["kind"]) for e in self.events for f in e.get("firings", [])]
-
-    @property
-    def end_step(self) -> int | None:
-        """The step a run was ended at, for runs that did not finish: the stopping event's step.
-        DeepSpeed's giving up at the minimum loss scale is at step N while status.json holds N-1,
-        the last step applied."""
-        stops = [e["step"] for e in self.events if e.get("action") == "stop"]
-        return stops[-1] if stops else self.status.get("step")
-
-
-def load_run(path: str | Path) -> RunData:
-    """A run directory; anything else is refused with one sentence (exit 2 in the scripts)."""
-    path = Path(path)
-    if not (path / "metrics.jsonl").exists() or not (path / "config.yaml").exists():
-        raise ConfigError(f"{path}: not a run directory (it needs metrics.jsonl and config.yaml).")
-    try:
-        metrics = read_jsonl(path / "metrics.jsonl")
-    except ValueError as e:
-        raise ConfigError(f"{path / 'metrics.jsonl'}: not valid JSON lines ({e}).") from None
-    if not any("train/loss" in r for r in metrics):
-        raise ConfigError(f"{path / 'metrics.jsonl'}: holds no logged training step.")
-    events = read_jsonl(path / "events.jsonl") if (path / "events.jsonl").exists() else []
-    status = yaml.safe_load((path / "status.json").read_text()) if (path / "status.json").exists() else {}
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    return RunData(path.name, path, config, metrics, events, status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +68,7 @@ def summarize(run: RunData) -> dict:
     return {
         "run": run.name,
         "precision": run.precision,
-        "ended": ENDINGS.get(run.status.get("state"), "unknown"),
+        "ended": ending(run.status.get("state")),
         "steps": last["step"],
         "final eval loss": evals[-1] if evals else None,
         "best eval loss": min(finite_evals) if finite_evals else None,
@@ -226,7 +156,7 @@ def _draw_losses(ax, runs: list[RunData]) -> None:
                 color=color,
                 ls=":",
                 lw=1.5,
-                label=f"{run.name}: {ENDINGS[run.status['state']]} at step {run.end_step}",
+                label=f"{run.name}: {ending(run.status['state'])} at step {run.end_step}",
             )
     ax.set(
         xlabel="step", ylabel="loss", title="Loss (▲ spike, ◆ rollback; on the top edge: at an inf/nan loss)"
@@ -524,7 +454,7 @@ def run_summary(run_dir: str | Path) -> str:
         + str(next((e["step"] for e in events if e.get("kind") == "loss_scale_minimum"), "?"))
         + f", the last step applied is {step}",
         "interrupted": f"was interrupted at step {step}; --resume latest continues it",
-    }.get(state, f"{ENDINGS.get(state, 'ended in an unknown state')} at step {step}")
+    }.get(state, f"{ending(state, 'ended in an unknown state')} at step {step}")
     if status.get("message"):
         ended += f" ({status['message']})"
     evals = [(r["step"], r["eval/loss"]) for r in metrics if "eval/loss" in r]

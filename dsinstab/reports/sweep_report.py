@@ -12,7 +12,6 @@ seeds is the spread of that number.
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 import statistics
@@ -25,7 +24,8 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dsinstab.experiments.sweep import Grid, Point  # noqa: E402
-from dsinstab.reports.report import COLORS, ENDINGS, load_run  # noqa: E402
+from dsinstab.reports.render import fmt, html_figure, html_page, html_table, markdown_table, save_figure  # noqa: E402
+from dsinstab.reports.run_data import COLORS, ending, load_run  # noqa: E402
 from dsinstab.run.config import ConfigError  # noqa: E402
 
 LR_RANGE = (3e-4, 3e-1)  # Wortsman et al. 2023's [a, b]
@@ -238,7 +238,7 @@ def plot_vs_lr(results, variants, value, ylabel: str, title: str, path: Path, lo
     ax.set(xlabel="peak learning rate", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sensitivity(results, variants, seeds, path: Path):
@@ -268,7 +268,7 @@ def plot_sensitivity(results, variants, seeds, path: Path):
         title="LR sensitivity per variant (bar: mean over seeds, ±1 std; dots: seeds)",
     )
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def write_sweep_report(grid: Grid, out: str | Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results = [point_result(p) for p in grid.points]
     vrows = variant_rows(results, grid.variants, grid.seeds)
-    prows = [asdict(r) | {"state": ENDINGS.get(r.state, r.state or "not run")} for r in results]
+    prows = [asdict(r) | {"state": ending(r.state, r.state or "not run")} for r in results]
     V = grid.variants
     plots = [
         plot_vs_lr(
@@ -367,59 +367,35 @@ def _notes(results: list[PointResult]) -> list[str]:
     return notes
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
+def _fmt(v, digits: int = 4) -> str:
+    """A sweep's table cell: :func:`fmt`, with flags as yes/no and three significant digits where a
+    number is very small or very large (learning rates)."""
     if isinstance(v, bool):
         return "yes" if v else "no"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.3g}" if v and (abs(v) < 1e-2 or abs(v) >= 1e5) else f"{v:.4g}"
-    return str(v)
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    if isinstance(v, float) and v and math.isfinite(v) and (abs(v) < 1e-2 or abs(v) >= 1e5):
+        return fmt(v, 3)
+    return fmt(v, digits)
 
 
 def _markdown(title, vrows, prows, notes, plots) -> str:
     lines = [f"# {title}", "", DEFINITIONS, ""] + [f"> {n}" for n in notes] + ([""] if notes else [])
-    for cols, rows in ((VARIANT_COLUMNS, vrows), (POINT_COLUMNS, prows)):
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows] + [""]
+    lines += [
+        markdown_table(VARIANT_COLUMNS, vrows, cell=_fmt),
+        markdown_table(POINT_COLUMNS, prows, cell=_fmt),
+    ]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
 def _html(title, vrows, prows, notes, plots) -> str:
-    def table(cols, rows):
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows
-        )
-        return f"<table><tr>{head}</tr>{body}</table>"
-
-    imgs = "".join(
-        f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
-        f"<figcaption>{p.stem}</figcaption></figure>"
-        for p in plots
-    )
     warn = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}"
-        "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "th{background:#f3f3f3}img{max-width:100%}.note{background:#fff6d6;padding:.5em}"
+    body = (
+        f"<p>{html.escape(DEFINITIONS)}</p>{warn}"
+        f"<h2>Per variant</h2>{html_table(VARIANT_COLUMNS, vrows, cell=_fmt)}"
+        f"<h2>Per point</h2>{html_table(POINT_COLUMNS, prows, cell=_fmt)}"
+        + "".join(html_figure(p) for p in plots)
     )
-    return (
-        f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(DEFINITIONS)}</p>{warn}"
-        f"<h2>Per variant</h2>{table(VARIANT_COLUMNS, vrows)}<h2>Per point</h2>{table(POINT_COLUMNS, prows)}"
-        f"{imgs}</body></html>\n"
-    )
+    return html_page(title, body, width=1200)
 
 
 def log_to_wandb(out: Path, vrows, prows, project: str, name: str, group: str) -> None:

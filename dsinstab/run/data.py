@@ -1,29 +1,20 @@
-"""The corpus, the tokenizer, tokenize + pack into fixed blocks, the on-disk cache, the batch order.
-
-Sources: ``builtin`` (the standard library's own source files, present in every Python install, so
-the default run needs no network), ``hub`` (``datasets.load_dataset``), ``local`` (text, JSON lines
-or parquet files) and ``disk`` (``datasets.load_from_disk``). Documents are split into train and
-validation by a hash of their text, so the split is the same on every machine and every run.
+"""Tokenize + pack into fixed blocks, the on-disk cache, the batch order.
 
 Preparation holds neither the corpus nor the blocks in memory: documents are streamed (plain reads;
 the pages of a memory map would stay in the resident set), tokenized by ``dataset.num_proc``
 processes one source shard at a time (so the result does not depend on how many), packed in one
 ordered pass and written to Arrow files, from which training reads blocks by index, memory-mapped.
+Where the documents come from and the tokenizer: :mod:`dsinstab.run.corpus`.
 """
 
 from __future__ import annotations
 
-import functools
-import glob
-import hashlib
 import json
 import os
 import shutil
 import socket
-import sys
-import sysconfig
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,312 +24,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from filelock import FileLock, Timeout
 
 from dsinstab.run.config import ConfigError, DatasetConfig
+from dsinstab.run.corpus import (
+    EOS as EOS,  # re-exported: the end-of-text token of the packed blocks
+)
+from dsinstab.run.corpus import (
+    PIECE_CHARS,
+    WHERE,
+    Tokenizer,
+    _build_lock,
+    _digest,
+    corpus_spec,
+    documents,
+    get_tokenizer,
+    is_validation,
+    load_corpus,
+    pieces,
+)
 
-EOS = "<|endoftext|>"
 CACHE_VERSION = 2  # bump when the packing format changes (2: streamed, carried across documents)
-WHERE = "configs/dataset.yaml"
-LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-PIECE_CHARS = 1 << 20  # a longer document is tokenized in pieces of at most this many characters
 BATCH_CHARS = 1 << 22  # documents go to the tokenizer in batches of about this many characters
 WRITE_BYTES = 8 << 20  # the packed blocks are written in record batches of about this size
-
-datasets.disable_progress_bars()
-
-
-# ---------------------------------------------------------------------------------------------
-# The corpus
-
-
-@functools.cache
-def _stdlib_files() -> list[Path]:
-    """Every non-test source file of the standard library, in a fixed order."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__"}
-    files = [f for f in root.rglob("*.py") if not skip.intersection(f.relative_to(root).parts)]
-    return sorted(files, key=lambda f: str(f.relative_to(root)))
-
-
-def _local_files(pattern: str) -> list[str]:
-    p = Path(pattern).expanduser()
-    if p.is_dir():
-        return [str(f) for f in sorted(p.rglob("*")) if f.suffix in LOCAL_BUILDERS]
-    return sorted(glob.glob(str(p)))
-
-
-def _content_stamp(files: list[str]) -> str:
-    """Names relative to their common folder, sizes and three 4 KiB samples of each file.
-
-    Unlike absolute paths and modification times this is the same on every node that holds a copy
-    of the corpus, so node-local caches agree on the key. An edit that keeps a file's size and
-    misses all three samples goes unnoticed; change the file name or the size to force a rebuild.
-    """
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    stamp = []
-    for f in files:
-        size = os.path.getsize(f)
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for at in (0, max(0, size // 2 - 2048), max(0, size - 4096)):
-                fh.seek(at)
-                h.update(fh.read(4096))
-        stamp.append((os.path.relpath(os.path.abspath(f), root), size, h.hexdigest()[:16]))
-    return _digest(stamp)
-
-
-def corpus_spec(dc: DatasetConfig) -> dict:
-    """What determines the corpus, cheaply (no full read); also checks that it exists."""
-    if dc.source == "builtin":
-        files = _stdlib_files()
-        listing = [(f.name, f.stat().st_size) for f in files]
-        return {"source": "builtin", "python": sys.version.split()[0], "files": _digest(listing)}
-    if dc.source == "hub":
-        if not dc.name:
-            raise ConfigError(f"{WHERE}: dataset.name must name a hub dataset when dataset.source is hub.")
-        return {"source": "hub", "name": dc.name, "config": dc.config_name, "split": dc.split}
-    if not dc.path:
-        raise ConfigError(f"{WHERE}: dataset.path must be set when dataset.source is {dc.source}.")
-    if dc.source == "local":
-        files = _local_files(dc.path)
-        if not files:
-            raise ConfigError(
-                f"{WHERE}: dataset.path {dc.path!r} matches no .txt, .jsonl, .json or .parquet file."
-            )
-        kinds = {LOCAL_BUILDERS.get(Path(f).suffix) for f in files}
-        if None in kinds or len(kinds) > 1:
-            raise ConfigError(
-                f"{WHERE}: dataset.path {dc.path!r} must match files of one kind: "
-                ".txt, .jsonl/.json or .parquet."
-            )
-        return {"source": "local", "files": _content_stamp(files), "text_field": dc.text_field}
-    path = Path(dc.path).expanduser()
-    if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        raise ConfigError(f"{WHERE}: dataset.path {dc.path!r} is not a dataset saved with save_to_disk.")
-    saved = [str(f) for f in sorted(path.rglob("*")) if f.is_file()]
-    return {"source": "disk", "files": _content_stamp(saved), "split": dc.split}
-
-
-def _arrow_stream(ds: datasets.Dataset) -> datasets.IterableDataset:
-    """A dataset already in Arrow files, read with plain reads: iterating the memory-mapped dataset
-    would leave every page it touched in this process's resident set."""
-    files = [f["filename"] for f in ds.cache_files]
-    return datasets.load_dataset("arrow", data_files=files, split="train", streaming=True)
-
-
-def load_corpus(dc: DatasetConfig) -> datasets.IterableDataset:
-    """All documents of the source as a stream of one ``text`` column, nothing held in memory.
-
-    A hub dataset is downloaded and cached by ``datasets`` first, or with ``dataset.streaming``
-    read as it downloads (then ``max_chars`` downloads only what is used).
-    """
-    if dc.source in ("builtin", "local"):
-        files = [str(f) for f in _stdlib_files()] if dc.source == "builtin" else _local_files(dc.path)
-        builder = LOCAL_BUILDERS[Path(files[0]).suffix] if dc.source == "local" else "text"
-        kwargs = {"sample_by": "document", "encoding_errors": "replace"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-    elif dc.source == "hub":
-        ds = datasets.load_dataset(dc.name, dc.config_name or None, split=dc.split, streaming=dc.streaming)
-        if not dc.streaming:
-            ds = _arrow_stream(ds)
-    else:
-        saved = datasets.load_from_disk(str(Path(dc.path).expanduser()))
-        if isinstance(saved, datasets.DatasetDict):
-            if dc.split not in saved:
-                raise ConfigError(
-                    f"{WHERE}: dataset.split {dc.split!r} is not in the saved dataset; it has "
-                    f"{', '.join(saved)}."
-                )
-            saved = saved[dc.split]
-        ds = _arrow_stream(saved)
-    first = next(iter(ds), None)
-    if first is None:
-        raise ConfigError(f"{WHERE}: dataset.source {dc.source} gave no documents.")
-    if dc.text_field not in first:
-        columns = ", ".join(first)
-        raise ConfigError(
-            f"{WHERE}: dataset.text_field {dc.text_field!r} is not a column; the data has {columns}."
-        )
-    ds = ds.select_columns([dc.text_field])
-    return ds.rename_column(dc.text_field, "text") if dc.text_field != "text" else ds
-
-
-def documents(corpus: Iterable[dict], max_chars: int = 0) -> Iterator[str]:
-    """The texts in order, up to and including the one that reaches ``max_chars`` (0: all)."""
-    total = 0
-    for example in corpus:
-        text = example["text"] or ""
-        yield text
-        total += len(text)
-        if max_chars and total >= max_chars:
-            return
-
-
-def is_validation(text: str, val_fraction: float) -> bool:
-    """Train/validation by a hash of the text, the same everywhere (a corpus without a validation
-    document holds out its last one)."""
-    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) < int(val_fraction * 2**32)
-
-
-def pieces(text: str, limit: int | None = None) -> list[str]:
-    """``text`` cut into pieces of at most ``limit`` characters, each cut before a single space
-    between two non-spaces: there a byte-level BPE (ours, GPT-2's) starts a new pre-token anyway,
-    so the pieces tokenize exactly as the whole. Only a text without such a space for ``limit``
-    characters is cut elsewhere, and other tokenizers may differ at a cut. ``limit``: ``PIECE_CHARS``."""
-    limit, out, start = limit or PIECE_CHARS, [], 0
-    while len(text) - start > limit:
-        cut = text.rfind(" ", start + 1, start + limit)
-        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-            cut = text.rfind(" ", start + 1, cut)
-        cut = cut if cut > start else start + limit
-        out.append(text[start:cut])
-        start = cut
-    out.append(text[start:])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The tokenizer
-
-
-@dataclass
-class Tokenizer:
-    """What packing needs of a tokenizer: batch encoding, the end-of-text id, the size, and the
-    transformers tokenizer that the run's ``hf/`` folder gets."""
-
-    encode_batch: Callable[[list[str]], list[np.ndarray]]
-    vocab_size: int
-    eos_id: int
-    spec: str
-    to_transformers: Callable[[], object]
-
-    @property
-    def dtype(self) -> type:
-        """The smallest integer type that holds every id (GPT-2's 50257 fit 16 bits)."""
-        return np.uint16 if self.vocab_size <= 1 << 16 else np.int32
-
-
-def _byte_chars() -> list[str]:
-    """The printable character that byte-level BPE uses for each byte value (GPT-2's mapping)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
-
-
-def _bytes_tokenizer() -> Tokenizer:
-    def to_transformers():
-        # The same ids as a tokenizers BPE without merges: one token per UTF-8 byte, then EOS.
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
-
-        vocab = {c: i for i, c in enumerate(_byte_chars())}
-        tok = HFTokenizer(models.BPE(vocab, []))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens([EOS])
-        return _pretrained_fast(tok)
-
-    encode = lambda texts: [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]  # noqa: E731
-    return Tokenizer(encode, vocab_size=257, eos_id=256, spec="bytes", to_transformers=to_transformers)
-
-
-def _pretrained_fast(tok) -> object:
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS)
-
-
-def _fast_tokenizer(tok, spec: str) -> Tokenizer:
-    """Wrap a ``tokenizers.Tokenizer``: its batch encoder runs in Rust on all cores."""
-    encode = lambda texts: [np.asarray(e.ids, np.int32) for e in tok.encode_batch_fast(texts)]  # noqa: E731
-    return Tokenizer(encode, tok.get_vocab_size(), tok.token_to_id(EOS), spec, lambda: _pretrained_fast(tok))
-
-
-def train_bpe(texts: Iterable[str], vocab_size: int, path: Path, progress: bool = False):
-    """Byte-level BPE trained on ``texts`` (the train split, streamed in bounded batches), saved to ``path``."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=alphabet, show_progress=progress
-    )
-    # single pieces, not lists: the trainer buffers 256 items of its iterator
-    tok.train_from_iterator((p for t in texts for p in pieces(t, 1 << 16)), trainer=trainer)
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
-    return tok
-
-
-def _batches(texts: Iterable[str], limit: int) -> Iterator[list[str]]:
-    """The texts, in order, in lists of about ``limit`` characters."""
-    batch, size = [], 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= limit:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
-
-
-def get_tokenizer(
-    dc: DatasetConfig, spec: dict, cache_dir: Path, train_texts: Callable, progress: bool = False
-) -> Tokenizer:
-    """``bpe`` (trained and cached), ``bytes``, or a name/path for ``AutoTokenizer``."""
-    if dc.tokenizer == "bytes":
-        tok = _bytes_tokenizer()
-    elif dc.tokenizer == "bpe":
-        if dc.vocab_size < 257:
-            raise ConfigError(
-                f"{WHERE}: dataset.vocab_size must be >= 257 for the bpe tokenizer "
-                f"(256 bytes and end-of-text), got {dc.vocab_size}."
-            )
-        from tokenizers import Tokenizer as HFTokenizer
-
-        key = _digest(
-            {"corpus": spec, "vocab": dc.vocab_size, "val": dc.val_fraction, "max_chars": dc.max_chars}
-        )
-        path = cache_dir / "tokenizers" / f"bpe-{key}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _build_lock(path):
-            hf = HFTokenizer.from_file(str(path)) if path.exists() else None
-            hf = hf or train_bpe(train_texts(), dc.vocab_size, path, progress)
-        tok = _fast_tokenizer(hf, f"bpe-{key}")
-    else:
-        tok = _auto_tokenizer(dc.tokenizer)
-    if tok.vocab_size > dc.vocab_size:
-        raise ConfigError(
-            f"{WHERE}: dataset.vocab_size is {dc.vocab_size} but tokenizer {dc.tokenizer!r} has "
-            f"{tok.vocab_size} tokens; set dataset.vocab_size to at least {tok.vocab_size}."
-        )
-    return tok
-
-
-def _auto_tokenizer(name: str) -> Tokenizer:
-    from transformers import AutoTokenizer
-
-    try:
-        hf = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # noqa: BLE001 - any failure to load is the user's input
-        raise ConfigError(
-            f"{WHERE}: dataset.tokenizer {name!r} could not be loaded (not bpe, bytes, a local path "
-            f"or a reachable hub name): {type(e).__name__}."
-        ) from None
-    if hf.eos_token_id is None:
-        raise ConfigError(f"{WHERE}: dataset.tokenizer {name!r} has no end-of-text token.")
-
-    def encode_batch(texts: list[str]) -> list[np.ndarray]:
-        ids = hf(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-        return [np.asarray(x, np.int32) for x in ids]
-
-    return Tokenizer(encode_batch, len(hf), hf.eos_token_id, f"auto-{name}-{len(hf)}", lambda: hf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,6 +79,19 @@ class PackedData:
             self.tokenizer.to_transformers().save_pretrained(str(directory))
 
 
+def _batches(texts: Iterable[str], limit: int) -> Iterator[list[str]]:
+    """The texts, in order, in lists of about ``limit`` characters."""
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _tokenize_job(
     part: list[int], corpus, parts: int, tok: Tokenizer, val_fraction: float, max_chars: int
 ) -> Iterator[dict]:
@@ -383,7 +103,7 @@ def _tokenize_job(
     eos = np.array([tok.eos_id], tok.dtype)
 
     def rows(texts: list[str], last: int = -1) -> Iterator[dict]:
-        cut = [pieces(t) for t in texts]
+        cut = [pieces(t, PIECE_CHARS) for t in texts]  # this module's PIECE_CHARS rules packing
         # one tokenizer call per PIECE_CHARS: a tokenizer's encodings take ~100 bytes per token
         ids = (x for b in _batches((p for c in cut for p in c), PIECE_CHARS) for x in tok.encode_batch(b))
         splits: dict[bool, list] = {False: [], True: []}
@@ -590,31 +310,6 @@ def _progress_bars(on: bool):
         datasets.disable_progress_bars()
 
 
-@contextmanager
-def _build_lock(target: Path, wait_s: float = 60.0):
-    """The file lock under which one process per machine builds ``target``; the others then reuse it.
-
-    Local rank 0 is the one meant to build (its log lines and bars are the ones shown), so other
-    local ranks first wait up to ``wait_s`` for it to take the lock or to finish.
-    """
-    lock = FileLock(str(target) + ".lock")
-    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
-        deadline = time.monotonic() + wait_s
-        while not target.exists() and time.monotonic() < deadline:
-            try:
-                lock.acquire(timeout=0)
-            except Timeout:
-                break  # held: the builder is at work
-            lock.release()
-            time.sleep(0.2)
-    with lock:
-        yield
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------------------
 # The batch order
 
@@ -623,8 +318,8 @@ class BatchOrder:
     """Which blocks each rank reads at each micro step: a pure function of seed, epoch and position.
 
     Each epoch is a permutation seeded by ``(seed, epoch)``; micro step ``p`` of the run reads the
-    ``p``-th slice of ``micro_batch * world`` blocks, and rank ``r`` its ``r``-th part. The position
-    is all the state there is, so a checkpoint that stores it resumes the exact order.
+    ``p``-th slice of ``micro_batch * world`` blocks, and rank ``r`` its ``r``-th part. The seed and
+    the position are all the state there is, so a checkpoint that stores them resumes the exact order.
     """
 
     def __init__(self, n_blocks: int, micro_batch: int, world: int, rank: int, seed: int):
@@ -643,23 +338,36 @@ class BatchOrder:
                 "trainer.micro_batch_size."
             )
         self.position = 0
-        self._perm: tuple[int, torch.Tensor] | None = None
+        self._perm: tuple[int, int, torch.Tensor] | None = None  # (seed, epoch, permutation)
 
     def indices_at(self, position: int) -> torch.Tensor:
         epoch, i = divmod(position, self.per_epoch)
-        if self._perm is None or self._perm[0] != epoch:
+        if self._perm is None or self._perm[:2] != (self.seed, epoch):
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n_blocks, generator=g))
+            self._perm = (self.seed, epoch, torch.randperm(self.n_blocks, generator=g))
         start = (i * self.world + self.rank) * self.micro_batch
-        return self._perm[1][start : start + self.micro_batch]
+        return self._perm[2][start : start + self.micro_batch]
 
     def next(self) -> torch.Tensor:
         idx = self.indices_at(self.position)
         self.position += 1
         return idx
 
+    def reseed(self, seed: int) -> None:
+        """From now on read the permutations of ``seed``: the next micro step reads what a fresh
+        order of ``seed`` reads at the same position (the position is kept; ``state_dict`` keeps
+        the seed, so a resume goes on in the new order)."""
+        self.seed = int(seed)
+
+    def skip(self, micro_batches: int) -> None:
+        """Advance the position past ``micro_batches`` micro batches, unread (each rank the same)."""
+        if micro_batches < 0:
+            raise ValueError(f"BatchOrder.skip: micro_batches must be >= 0, got {micro_batches}.")
+        self.position += int(micro_batches)
+
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+        self.seed = int(state.get("seed", self.seed))  # checkpoints before reseed() kept no seed

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from dsinstab.run.config import TrainerConfig, precision
+from dsinstab.run.config import TrainerConfig
+from dsinstab.run.ds_config import precision
 
 
 def param_groups(model: torch.nn.Module, tc: TrainerConfig) -> list[dict]:
@@ -30,41 +32,42 @@ def param_groups(model: torch.nn.Module, tc: TrainerConfig) -> list[dict]:
             decay.append(p)
         else:
             no_decay.append(p)
-    wd = tc.weight_decay / tc.lr if tc.independent_weight_decay else tc.weight_decay
     return [
-        {"params": decay, "weight_decay": wd, "name": "decay"},
+        {"params": decay, "weight_decay": decay_rate(tc), "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 
-def build_engine(model: torch.nn.Module, tc: TrainerConfig, ds_config: dict, correct_faults: bool = True):
-    """The DeepSpeed engine, with torch's AdamW and transformers' warmup + cosine schedule, and
-    DeepSpeed 0.19.8's faults corrected (:func:`correct_deepspeed_faults`; ``False`` shows them).
+def decay_rate(tc: TrainerConfig) -> float:
+    """The ``weight_decay`` AdamW's decaying group gets (see :func:`param_groups`)."""
+    return tc.weight_decay / tc.lr if tc.independent_weight_decay else tc.weight_decay
+
+
+OptimizerFactory = Callable[[list[dict], TrainerConfig], torch.optim.Optimizer]
+
+
+def adamw(groups: list[dict], tc: TrainerConfig) -> torch.optim.Optimizer:
+    """torch's AdamW, ``fused`` where the device has the kernel (CUDA), ``foreach`` elsewhere."""
+    kind = {"fused": True} if get_accelerator().device_name() == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, **kind)
+
+
+def build_engine(
+    model: torch.nn.Module,
+    tc: TrainerConfig,
+    ds_config: dict,
+    optimizer: OptimizerFactory = adamw,
+    correct_faults: bool = True,
+):
+    """The DeepSpeed engine, with ``optimizer`` (torch's AdamW unless a mitigation brings its own,
+    see ``dsinstab.instruments.registry.optimizer_for``) and transformers' warmup + cosine schedule,
+    and DeepSpeed 0.19.8's faults corrected (:func:`correct_deepspeed_faults`; ``False`` shows them).
 
     The engine steps the schedule only on applied steps, so an fp16 overflow does not advance it.
     """
     if precision(ds_config) == "fp16":
         allow_cpu_fp16()
-    from dsinstab.instruments.mitigations import uses_mitigated_optimizer  # (mitigations reads the engine)
-
-    if uses_mitigated_optimizer(tc.mitigations):  # skip-step, update clipping: inside the update
-        from dsinstab.instruments.optim import MitigatedAdamW
-
-        optimizer = MitigatedAdamW(
-            param_groups(model, tc),
-            lr=tc.lr,
-            betas=(tc.adam_beta1, tc.adam_beta2),
-            eps=tc.adam_eps,
-            update_clip=tc.mitigations.update_clip,
-        )
-    else:
-        optimizer = torch.optim.AdamW(
-            param_groups(model, tc),
-            lr=tc.lr,
-            betas=(tc.adam_beta1, tc.adam_beta2),
-            eps=tc.adam_eps,
-            foreach=True,
-        )
+    optimizer = optimizer(param_groups(model, tc), tc)
 
     def schedule(opt):
         return get_cosine_with_min_lr_schedule_with_warmup(
@@ -92,7 +95,7 @@ def apply_optimizer_config(engine, tc) -> list[str]:
     Weight decay goes by the group's name (``dsinstab.run.engine.param_groups`` names them): under
     ZeRO-3 the parameters are partitioned by now and their shapes no longer tell the groups apart.
     """
-    decay = tc.weight_decay / tc.lr if tc.independent_weight_decay else tc.weight_decay
+    decay = decay_rate(tc)
     groups, sched, changed = engine.optimizer.param_groups, engine.lr_scheduler, set()
     for i, g in enumerate(groups):
         wd = {"decay": decay, "no_decay": 0.0}.get(g.get("name"), g["weight_decay"])
@@ -152,25 +155,56 @@ def overflowed(engine) -> bool:
     return bool(getattr(engine.optimizer, "overflow", False))
 
 
-def grad_norm(engine, model: torch.nn.Module, before_step: float | None = None) -> float:
-    """The global grad norm of the last step, before clipping; ``inf`` for a non-finite one.
-
-    DeepSpeed reports it for its own optimizers (call after ``step``); a bare torch optimizer (fp32,
-    ZeRO-0) leaves it unset, so the loop measures it with :func:`grads_norm` before ``step``.
-    """
-    norm = before_step if before_step is not None else engine.get_global_grad_norm()
-    norm = float(norm) if norm is not None else math.nan
-    return norm if math.isfinite(norm) and norm >= 0 else math.inf
-
-
-def needs_pre_step_norm(engine) -> bool:
-    """True when DeepSpeed will not report the grad norm, so it must be measured before ``step``."""
+def bare_optimizer(engine) -> bool:
+    """fp32 without ZeRO: the engine steps the torch optimizer itself, clips with its config and
+    reports no grad norm (so the loop measures it before ``step``)."""
     return not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
 
 
-def grads_norm(model: torch.nn.Module) -> float:
+def client_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that applies the update (DeepSpeed's wrappers hold it as ``.optimizer``)."""
+    return engine.optimizer if bare_optimizer(engine) else engine.optimizer.optimizer
+
+
+def set_grad_clip(engine, value: float) -> None:
+    """The global-norm clip ``engine.step()`` applies next (0: none). DeepSpeed's ZeRO 1-3 and
+    fp16/bf16 optimizers read their ``clip_grad`` in ``step``; the bare path reads the config."""
+    if bare_optimizer(engine):
+        engine._config.gradient_clipping = value
+    else:
+        engine.optimizer.clip_grad = value
+
+
+def grads_norm(model: torch.nn.Module) -> torch.Tensor:
+    """The global norm of the gradients as they are now (a 0-d tensor on their device)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.nn.utils.get_total_norm(grads).double()
+
+
+def reported_grad_norm(engine) -> torch.Tensor:
+    """DeepSpeed's global grad norm of the last step, before clipping (call after ``step``), as a
+    0-d float64 tensor on the engine's device; nan where it reports none."""
+    norm = engine.get_global_grad_norm()
+    norm = math.nan if norm is None else norm
+    return torch.as_tensor(norm, dtype=torch.float64).to(engine.device)
+
+
+def wrapper_grad_norm(engine) -> torch.Tensor | float:
+    """The global grad norm of the step, unscaled and before clipping, as DeepSpeed's optimizer holds
+    it while it calls the client optimizer (ZeRO 1-3 and the bf16 optimizer: a tensor). On ZeRO-0
+    fp16 the wrapper measured the scaled gradients (dsinstab scales the loss there; see
+    :func:`correct_deepspeed_faults`), so the scale is divided out as that correction does after."""
+    norm = engine.optimizer._global_grad_norm
+    if engine.fp16_enabled() and not engine.zero_optimization():
+        norm = norm / loss_scale(engine)
+    return norm
+
+
+def finite_or_inf(norm: float) -> float:
+    """A grad norm as the loop logs it: ``inf`` for a non-finite, negative or unreported one."""
+    return norm if math.isfinite(norm) and norm >= 0 else math.inf
 
 
 def current_lr(engine) -> float:

@@ -1,4 +1,4 @@
-"""The training step and the loop around it: eval, detectors, events, checkpoints, signals.
+"""The training step and the loop around it: eval, plug-ins, events, checkpoints, signals.
 
 Every decision here (log, evaluate, checkpoint, roll back, stop) is taken by every rank from the
 step counter or from values reduced across ranks, so collective calls always line up.
@@ -6,84 +6,47 @@ step counter or from values reduced across ranks, so collective calls always lin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import resource
 import signal
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import deepspeed.comm as dist
 import torch
 from tqdm import tqdm
 
-from dsinstab.instruments.spikes import SpikeMonitor, firing_record
 from dsinstab.run import engine as eng
 from dsinstab.run import lowp
-from dsinstab.run.checkpoint import Checkpointer, CheckpointWriteError, write_atomic
-from dsinstab.run.config import RunConfig
-from dsinstab.run.data import BatchOrder, PackedData
+from dsinstab.run.actions import on_firings, on_min_loss_scale
+from dsinstab.run.checkpoint import CheckpointWriteError, write_atomic
 from dsinstab.run.model import lm_loss
-from dsinstab.run.plugins import Plugins
-from dsinstab.run.state import restore, save
-from dsinstab.run.tracking import json_safe
+from dsinstab.run.plugins import Readings, Step
+from dsinstab.run.state import Run, save
+from dsinstab.run.status import RunEnd
 
-EXIT_FINISHED, EXIT_MIN_LOSS_SCALE, EXIT_STOPPED, EXIT_CHECKPOINT_FAILED = 0, 3, 4, 5  # 2: bad input (cli)
-EXIT_INTERRUPTED = 130
-HISTORY = 48  # logged values kept for the "before the event" part of an event record
+# families every step has, written on logging steps; any other metric a plug-in reports (a probe's
+# reading, a mitigation acting) makes its step a logging step
+EVERY_STEP = ("train/", "spike/")
 
 
 class LossScaleAtMinimum(RuntimeError):
     """DeepSpeed's fp16 scaler hit its minimum and gave up on the run."""
 
 
-@dataclass
-class Run:
-    """What the loop works with: built once by :mod:`dsinstab.commands.train`, passed around, never mutated
-    except for the progress fields at the bottom."""
-
-    cfg: RunConfig
-    engine: object
-    model: torch.nn.Module
-    data: PackedData
-    order: BatchOrder
-    monitor: SpikeMonitor
-    checkpointer: Checkpointer
-    sink: object
-    plugins: Plugins  # probes and mitigations: per-step hooks whose state rides in the checkpoint
-    run_dir: Path
-    rank: int
-    world: int
-    say: object = print
-    # progress, all part of the checkpoint
-    step: int = 0
-    tokens_seen: int = 0
-    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
-    stop_requested: bool = False
-    step_indices: list = field(default_factory=list)  # this rank's blocks of the step, per micro batch
-    step_losses: torch.Tensor | None = None  # this rank's (ce, z-loss) of the step, before its update
-
-
 # ---------------------------------------------------------------------------------------------
 # The step
 
 
-def train_step(run: Run, ctx) -> tuple[torch.Tensor, float]:
-    """One optimizer step over ``gradient_accumulation_steps`` micro batches.
-
-    Returns this rank's mean (loss, z-loss) as a tensor on the engine's device (no host sync here)
-    and the global grad norm. The plug-ins see the logits, and the model just before and after the
-    optimizer step.
-    """
+def train_step(run: Run, step: Step, ctx) -> None:
+    """One optimizer step over ``gradient_accumulation_steps`` micro batches, filling in ``step``:
+    its blocks, this rank's mean (loss, z-loss) and the global grad norm, all left on the device.
+    The plug-ins see the logits, and the model just before and after the optimizer step."""
     engine, gas, plugins = run.engine, run.cfg.trainer.gradient_accumulation_steps, run.plugins
-    total, norm_before = torch.zeros(2, device=engine.device), None
-    run.step_indices = []
+    total = torch.zeros(2, device=engine.device)
     for micro in range(gas):
         indices = run.order.next()
-        run.step_indices.append(indices.tolist())
+        step.blocks.append(indices.tolist())
         batch = run.data.blocks("train", indices).to(engine.device, non_blocking=True)
         with ctx:
             logits = engine(input_ids=batch[:, :-1]).logits
@@ -92,12 +55,14 @@ def train_step(run: Run, ctx) -> tuple[torch.Tensor, float]:
             engine.backward(loss)
         total += torch.stack([parts["ce"], parts.get("z_loss", parts["ce"] * 0)]).float()
         if micro == gas - 1:  # the accumulation boundary: engine.step() below applies the update
-            norm_before = eng.grads_norm(run.model) if eng.needs_pre_step_norm(engine) else None
-            run.step_losses = total / gas  # skip-step judges the step's loss before its update
-            plugins.before_step()
+            step.losses = total / gas  # skip-step judges the step's loss before its update
+            if eng.bare_optimizer(engine):  # DeepSpeed reports no norm there: measure it before the update
+                step.grad_norm = eng.grads_norm(run.model)
+            plugins.before_step(step)
         step_engine(engine)
-    plugins.after_step()
-    return run.step_losses, eng.grad_norm(engine, run.model, norm_before)
+    if step.grad_norm is None:
+        step.grad_norm = eng.reported_grad_norm(engine)
+    plugins.after_step(step)
 
 
 def step_engine(engine) -> None:
@@ -107,6 +72,42 @@ def step_engine(engine) -> None:
         if "loss scale already at minimum" in str(e):
             raise LossScaleAtMinimum(str(e)) from None
         raise
+
+
+def advance(run: Run, ctx) -> tuple[Step, dict, bool]:
+    """Train one step and read it: the step record with its reduced values, the plug-ins' metrics,
+    and whether any rank was asked to stop. One host copy for the loop's values and every
+    plug-in's readings together."""
+    step = Step(number=run.step + 1, lr=eng.current_lr(run.engine))
+    run.plugins.begin_step(step)
+    train_step(run, step, ctx)
+    losses = step.losses
+    stop = torch.full((), float(run.stop_requested), device=losses.device)
+    own: Readings = {
+        "ce": (losses[0], "mean"),
+        "z_loss": (losses[1], "mean"),
+        "stop": (stop, "max"),
+        "grad_norm": (step.grad_norm, "same"),
+    }
+    values = run.plugins.read(step, own)
+    step.loss = values["ce"] + values["z_loss"]
+    step.norm = eng.finite_or_inf(values["grad_norm"])
+    step.overflow, step.loss_scale = eng.overflowed(run.engine), eng.loss_scale(run.engine)
+    metrics = {
+        "train/loss": step.loss,
+        "train/lr": step.lr,
+        "train/grad_norm": step.norm,
+        "train/overflow": int(step.overflow),
+        "train/skipped_steps": int(run.engine.skipped_steps),
+        **precision_metrics(run.engine, step.loss_scale),
+        **(
+            {"train/z_loss": values["z_loss"], "train/ce_loss": values["ce"]}
+            if run.cfg.trainer.z_loss
+            else {}
+        ),
+    }
+    metrics |= dict(sorted(run.plugins.collect(step).items()))
+    return step, metrics, values["stop"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,12 +126,12 @@ def train(run: Run) -> int:
     except CheckpointWriteError as e:
         run.sink.event({"step": run.step, "kind": "checkpoint_failed", "action": "stop", "message": str(e)})
         run.say(f"step {run.step}: {e}")
-        return finish(run, "checkpoint_failed", EXIT_CHECKPOINT_FAILED)
+        return finish(run, RunEnd.checkpoint_failed)
     except KeyboardInterrupt:  # a second signal: leave at once, without a checkpoint
-        write_status(run, "interrupted", EXIT_INTERRUPTED, "a second SIGINT/SIGTERM; no checkpoint saved")
+        write_status(run, RunEnd.interrupted, "a second SIGINT/SIGTERM; no checkpoint saved")
         raise
     except BaseException as e:
-        write_status(run, "failed", None, f"{type(e).__name__}: {e}")
+        write_status(run, RunEnd.failed, f"{type(e).__name__}: {e}")
         raise
     finally:
         for signum, handler in previous.items():
@@ -141,67 +142,52 @@ def _train(run: Run) -> int:
     t = run.cfg.trainer
     ctx = lowp.compute_context(run.engine, run.cfg.utils.cpu_compute, log=run.say)
     run.plugins.bind(run)
+    last = run.plugins.last_step(t.max_steps)  # a branch may end before the schedule does
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * run.world * run.cfg.model.seq_len
-    bar = progress_bar(run)
+    bar = progress_bar(run, last)
     window_time, window_tokens = 0.0, 0
     if run.step == 0:
         log_eval(run, ctx)
-    while run.step < t.max_steps:
-        step = run.step + 1
-        lr = eng.current_lr(run.engine)
-        run.plugins.begin_step(step)
+    while run.step < last:
         t0 = time.perf_counter()
         try:
-            with injected_fault(run, step):
-                losses, grad_norm = train_step(run, ctx)
+            step, metrics, stop = advance(run, ctx)
         except LossScaleAtMinimum as e:
-            return on_min_loss_scale(run, step, str(e))
+            bar.close()
+            return finish(run, on_min_loss_scale(run, run.step + 1, str(e)))
         window_time += time.perf_counter() - t0
         window_tokens += tokens_per_step
-        run.step, run.tokens_seen = step, run.tokens_seen + tokens_per_step
-        (ce, z_loss), stop = reduce_step(run, losses)
-        loss = ce + z_loss
-        overflow, scale = eng.overflowed(run.engine), eng.loss_scale(run.engine)
-        firings, spike_metrics = run.monitor.observe(loss, grad_norm, overflow, scale)
-        for shift in run.monitor.pop_level_shifts():  # recorded, no action: its spike had one
-            run.sink.event(json_safe({"step": step, **firing_record(shift), "action": "none"}))
-        diag_metrics = dict(sorted(run.plugins.collect().items()))
-        metrics = {
-            "train/loss": loss,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/overflow": int(overflow),
-            "train/skipped_steps": int(run.engine.skipped_steps),
-            **precision_metrics(run.engine, scale),
-            **spike_metrics,
-            **({"train/z_loss": z_loss, "train/ce_loss": ce} if t.z_loss else {}),
-        }
-        run.history.append({"step": step, **metrics})
-        metrics |= diag_metrics
-        if step % t.log_every == 0 or step == t.max_steps or diag_metrics:
+        n = step.number
+        run.step, run.tokens_seen = n, run.tokens_seen + tokens_per_step
+        run.history.append({"step": n, **{k: v for k, v in metrics.items() if k.startswith(EVERY_STEP)}})
+        if n % t.log_every == 0 or n == last or not all(k.startswith(EVERY_STEP) for k in metrics):
             metrics["train/tokens_per_s"] = window_tokens / max(window_time, 1e-9)
-            run.sink.log(step, metrics)
+            run.sink.log(n, metrics)
             window_time, window_tokens = 0.0, 0
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", **({"scale": f"{scale:g}"} if scale is not None else {}))
-        if step % t.eval_every == 0 or step == t.max_steps:
+        scale = step.loss_scale
+        bar.set_postfix(loss=f"{step.loss:.3f}", **({"scale": f"{scale:g}"} if scale is not None else {}))
+        if n % t.eval_every == 0 or n == last:
             log_eval(run, ctx)
+        firings = run.plugins.firings(step)
         if firings:
-            code = on_firings(run, step, firings, lr, grad_norm, scale)
-            if code is not None:
-                return code
-        rolled_back = run.step != step  # the state is a checkpoint's again: nothing new to save
-        periodic = bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+            end = on_firings(run, step, firings)
+            if end is not None:
+                bar.close()
+                return finish(run, end)
+        rolled_back = run.step != n  # the state is a checkpoint's again: nothing new to save
+        periodic = bool(t.checkpoint_every) and n % t.checkpoint_every == 0
         if (periodic or stop) and not rolled_back:
-            save(run, f"step-{step}")
+            save(run, f"step-{n}")
         if stop:
+            bar.close()
             run.say(
-                f"interrupted: {'rolled back to a checkpoint' if rolled_back else f'saved step-{step}'}; "
+                f"interrupted: {'rolled back to a checkpoint' if rolled_back else f'saved step-{n}'}; "
                 "continue with --resume latest"
             )
-            return finish(run, "interrupted", EXIT_INTERRUPTED)
+            return finish(run, RunEnd.interrupted)
     bar.close()
-    return finish(run, "finished", EXIT_FINISHED)
+    return finish(run, RunEnd.finished)
 
 
 def precision_metrics(engine, scale: float | None) -> dict:
@@ -212,16 +198,6 @@ def precision_metrics(engine, scale: float | None) -> dict:
     if left is not None:
         out["train/hysteresis"] = left
     return out
-
-
-def reduce_step(run: Run, losses: torch.Tensor) -> tuple[list[float], bool]:
-    """Mean losses over ranks, and whether any rank was asked to stop: one collective, and the
-    step's one host sync."""
-    buf = torch.cat([losses.float(), losses.new_full((1,), float(run.stop_requested))])
-    if run.world > 1:
-        dist.all_reduce(buf)
-    *means, stops = buf.tolist()
-    return [m / run.world for m in means], stops > 0
 
 
 @torch.no_grad()
@@ -253,140 +229,6 @@ def log_eval(run: Run, ctx) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Events and actions
-
-
-def on_firings(run: Run, step: int, firings, lr: float, grad_norm: float, scale) -> int | None:
-    action = run.monitor.decide(step)
-    record = event_record(run, step, firings, lr, grad_norm, scale, action)
-    run.sink.event(record)
-    run.say(f"step {step}: {', '.join(f.kind for f in firings)} -> {action}")
-    if action == "checkpoint":
-        pre_spike = run.checkpointer.newest_before(step)
-        run.checkpointer.pin(pre_spike)
-        save(run, f"spike-{step}", event=record)
-    elif action == "stop":
-        save(run, f"spike-{step}", event=record)
-        return finish(run, "stopped", EXIT_STOPPED)
-    elif action == "rollback":
-        rollback(run, step, record)
-    return None
-
-
-def event_record(run: Run, step: int, firings, lr, grad_norm, scale, action: str) -> dict:
-    """One line of events.jsonl: what fired, the state around it, and the blocks of the step on
-    every rank: ``batch_indices[rank][micro_batch]``."""
-    gathered = [None] * run.world
-    if run.world > 1:
-        dist.all_gather_object(gathered, run.step_indices)
-    else:
-        gathered = [run.step_indices]
-    first = firings[0]
-    return json_safe(
-        {
-            "step": step,
-            "kind": first.kind,
-            "value": first.value,
-            "threshold": first.threshold,
-            "baseline": first.baseline,
-            "firings": [firing_record(f) for f in firings],
-            "action": action,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "loss_scale": scale,
-            "batch_indices": gathered,
-            "recent": list(run.history),
-        }
-    )
-
-
-def rollback(run: Run, step: int, record: dict) -> None:
-    """PaLM's remedy: reload the newest checkpoint at least ``rollback_min_back`` steps before the
-    spike and skip the batches from there through the spike plus ``rollback_skip`` more."""
-    s = run.cfg.trainer.spikes
-    tag = run.checkpointer.newest_before(step - s.rollback_min_back)
-    if tag is None:
-        run.say(f"step {step}: no checkpoint {s.rollback_min_back}+ steps back; continuing without rollback")
-        return
-    policy, read = run.monitor.state_dict()["policy"], run.order.position
-    restore(run, run.checkpointer.load(tag))
-    run.monitor.load_state_dict({**run.monitor.state_dict(), "policy": policy})
-    # Skip what was read since the checkpoint, by data position: after an earlier rollback to the
-    # same tag the data ran ahead of the step count, and the earlier spike's batches stay skipped.
-    restored = run.order.position
-    run.order.position = read + s.rollback_skip * run.cfg.trainer.gradient_accumulation_steps
-    skipped = run.order.position - restored
-    run.sink.rewind(run.step, events=False, spill=run.run_dir / "metrics_rolled_back.jsonl")
-    run.sink.event(
-        {
-            "step": step,
-            "kind": "rollback",
-            "action": "rollback",
-            "to_tag": tag,
-            "resumed_at": run.step,
-            "skipped_micro_batches": skipped,
-            "cause": record["kind"],
-        }
-    )
-    run.say(f"step {step}: rolled back to {tag}, skipping {skipped} micro batches")
-
-
-def on_min_loss_scale(run: Run, step: int, message: str) -> int:
-    """DeepSpeed ended the run at its minimum loss scale: record it, keep the last good state."""
-    scale = eng.loss_scale(run.engine)
-    run.sink.event(
-        json_safe(
-            {
-                "step": step,
-                "kind": "loss_scale_minimum",
-                "value": scale,
-                "action": "stop",
-                "message": message,
-                "recent": list(run.history),
-            }
-        )
-    )
-    run.step = step - 1  # the step that failed was never applied: neither were its batches read
-    run.order.position -= run.cfg.trainer.gradient_accumulation_steps
-    save(run, f"spike-{step}")
-    run.say(
-        f"step {step}: the fp16 loss scale is at its minimum ({scale:g}) and DeepSpeed cannot go on; "
-        f"saved spike-{step} (the last good state)."
-    )
-    return finish(run, "min_loss_scale", EXIT_MIN_LOSS_SCALE)
-
-
-@contextlib.contextmanager
-def injected_fault(run: Run, step: int):
-    """The configured deliberate fault, for one step: lr times ``factor`` or the embeddings scaled.
-
-    Like a bad batch, it is tied to the data position of step ``at_step`` of an unbroken run, so a
-    rollback that skips those batches also skips the fault.
-    """
-    inj = run.cfg.trainer.inject
-    gas = run.cfg.trainer.gradient_accumulation_steps
-    if not inj.at_step or run.order.position != (inj.at_step - 1) * gas:
-        yield
-        return
-    groups = run.engine.optimizer.param_groups
-    scale = run.model.embedding_scale
-    saved_factor = scale.factor
-    if inj.kind == "lr":
-        for g in groups:
-            g["lr"] *= inj.factor
-    else:
-        scale.factor *= inj.factor
-    try:
-        yield
-    finally:
-        # The schedule's own value: the lr of the next step when this one was applied, of this
-        # step again when an fp16 overflow skipped it (the schedule then did not advance).
-        for g, lr in zip(groups, run.engine.lr_scheduler.get_last_lr()):
-            g["lr"] = lr
-        scale.factor = saved_factor
-
-
-# ---------------------------------------------------------------------------------------------
 # Signals, status
 
 
@@ -407,23 +249,22 @@ def install_signal_handlers(run: Run) -> dict:
     return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
-def progress_bar(run: Run):
-    t = run.cfg.trainer
+def progress_bar(run: Run, last: int):
     disable = run.rank != 0 or not run.cfg.utils.progress_bar
-    return tqdm(total=t.max_steps, initial=run.step, disable=disable, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=last, initial=run.step, disable=disable, dynamic_ncols=True, mininterval=1.0)
 
 
-def finish(run: Run, state: str, code: int) -> int:
-    write_status(run, state, code)
-    return code
+def finish(run: Run, end: RunEnd) -> int:
+    write_status(run, end)
+    return end.code
 
 
-def write_status(run: Run, state: str, code: int | None, message: str | None = None) -> None:
+def write_status(run: Run, end: RunEnd, message: str | None = None) -> None:
     if run.rank == 0:
         status = {
-            "state": state,
+            "state": end.name,
             "step": run.step,
-            "exit_code": code,
+            "exit_code": end.code,
             "tokens_seen": run.tokens_seen,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         }

@@ -10,7 +10,8 @@ import argparse
 import textwrap
 from pathlib import Path
 
-from dsinstab.run.config import ConfigError, RunConfig, load_config, read_ds_config, resolve_ds_config
+from dsinstab.run.config import ConfigError, RunConfig, load_config
+from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, whose configs/ and ds_configs/ are shipped
 DEFAULT_DS_CONFIG = "ds_configs/zero2_bf16.json"

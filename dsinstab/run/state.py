@@ -1,19 +1,59 @@
 """What a checkpoint carries besides DeepSpeed's own state, and putting it back.
 
 DeepSpeed saves the model, the optimizer, the schedule and the loss scaler; this is the rest that
-makes a resumed run continue exactly as the unbroken one: the step, the data position, the spike
-monitor, every plug-in's state, the recent history that event records quote, and the RNG states.
+makes a resumed run continue exactly as the unbroken one: the step, the data position, every
+plug-in's state (the spike monitor's included), the action policy's counts, the recent history that
+event records quote, and the RNG states.
 """
 
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-if TYPE_CHECKING:
-    from dsinstab.run.loop import Run
+from dsinstab.run.checkpoint import Checkpointer
+from dsinstab.run.config import RunConfig
+from dsinstab.run.data import BatchOrder, PackedData
+from dsinstab.run.plugins import Plugins
+from dsinstab.run.policy import ActionPolicy
+from dsinstab.run.tracking import NullSink
+
+HISTORY = 48  # logged values kept for the "before the event" part of an event record
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once by the train command; only the progress fields at the
+    bottom change as it trains (and :func:`dsinstab.run.state.restore` sets them back)."""
+
+    cfg: RunConfig
+    engine: object  # deepspeed.DeepSpeedEngine
+    model: torch.nn.Module
+    data: PackedData
+    order: BatchOrder
+    checkpointer: Checkpointer
+    plugins: Plugins  # detectors, probes, mitigations: per-step hooks whose state rides in the checkpoint
+    run_dir: Path
+    rank: int
+    world: int
+    sink: NullSink = field(default_factory=NullSink)  # metrics and events (a NullSink off rank 0)
+    say: Callable[[str], None] = print
+    policy: ActionPolicy | None = None  # what a firing does (trainer.spikes.action)
+    # progress, all part of the checkpoint
+    step: int = 0
+    tokens_seen: int = 0
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    stop_requested: bool = False
+
+    def __post_init__(self):
+        if self.policy is None:
+            self.policy = ActionPolicy(self.cfg.trainer.spikes)
+
 
 KEY = "dsinstab"  # our part of DeepSpeed's client state
 EVENT_KEY = "dsinstab_event"  # the event record a spike checkpoint was saved for
@@ -24,7 +64,7 @@ def client_state(run: Run) -> dict:
         "step": run.step,
         "tokens_seen": run.tokens_seen,
         "batch_order": run.order.state_dict(),
-        "monitor": run.monitor.state_dict(),
+        "policy": run.policy.state_dict(),
         "plugins": run.plugins.state_dict(),
         "history": list(run.history),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -36,8 +76,12 @@ def restore(run: Run, client: dict) -> None:
     state = client[KEY]
     run.step, run.tokens_seen = state["step"], state["tokens_seen"]
     run.order.load_state_dict(state["batch_order"])
-    run.monitor.load_state_dict(state["monitor"])
-    run.plugins.load_state_dict(state.get("plugins", {}))
+    plugins = dict(state.get("plugins", {}))
+    if "monitor" in state:  # a checkpoint from before the spike monitor was a plug-in
+        plugins.setdefault("spikes", state["monitor"])
+        state.setdefault("policy", state["monitor"]["policy"])
+    run.policy.load_state_dict(state["policy"])
+    run.plugins.load_state_dict(plugins)
     run.history.clear()
     run.history.extend(state["history"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -1,0 +1,1 @@
+"""Probes that explain a spike, one per file, each run on probe steps only (``trainer.diagnostics``)."""

@@ -1,0 +1,95 @@
+"""The registry: every instrument a run can have, keyed by the config key that switches it on.
+
+Adding a probe, a detector or a mitigation is one new file (a subclass of
+:class:`~dsinstab.instruments.base.Instrument` or :class:`~dsinstab.instruments.base.Probe`), one
+config field and one line in :data:`INSTRUMENTS`; the loop, the train command and the engine are
+untouched. The list's order is the order the loop calls them in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsinstab.instruments.base import Context, Instrument, Probe, probe_names
+from dsinstab.instruments.inject import InjectedFault
+from dsinstab.instruments.mitigations.qk_clip import QKClipPlugin
+from dsinstab.instruments.mitigations.skip_step import SkipStepPlugin
+from dsinstab.instruments.mitigations.update_clip import UpdateClipPlugin
+from dsinstab.instruments.mitigations.zclip import ZClipPlugin
+from dsinstab.instruments.optim import MitigatedAdamW
+from dsinstab.instruments.overflow import OverflowAnatomy
+from dsinstab.instruments.probes.activations import ActivationProbe
+from dsinstab.instruments.probes.adam import AdamProbe
+from dsinstab.instruments.probes.attn_logits import AttentionLogitProbe
+from dsinstab.instruments.probes.layer_norms import LayerNormProbe
+from dsinstab.instruments.probes.out_logits import OutputLogitProbe
+from dsinstab.instruments.spikes import SpikeMonitor
+from dsinstab.run import engine as eng
+from dsinstab.run.config import ConfigError, RunConfig, TrainerConfig
+
+INSTRUMENTS: list[type[Instrument]] = [
+    SpikeMonitor,  # trainer.spikes (always on)
+    InjectedFault,  # trainer.inject.at_step
+    AttentionLogitProbe,  # trainer.diagnostics.probes: attn_logits
+    OutputLogitProbe,  # ... out_logits
+    ActivationProbe,  # ... activations
+    LayerNormProbe,  # ... layer_norms
+    AdamProbe,  # ... adam
+    OverflowAnatomy,  # trainer.overflow.locate, and the headroom probe
+    ZClipPlugin,  # trainer.mitigations.zclip_z
+    SkipStepPlugin,  # trainer.mitigations.skip_step_sigma
+    UpdateClipPlugin,  # trainer.mitigations.update_clip
+    QKClipPlugin,  # trainer.mitigations.qk_clip_tau
+]
+OTHER_PROBES = ("headroom",)  # probe names served by an instrument that is not a Probe
+
+
+def probes(registry: list[type[Instrument]] | None = None) -> list[str]:
+    """Every name ``trainer.diagnostics.probes`` accepts."""
+    found = [c.name for c in (registry or INSTRUMENTS) if issubclass(c, Probe)]
+    return found + list(OTHER_PROBES)
+
+
+def wanted(cfg: RunConfig, registry: list[type[Instrument]] | None = None) -> list[type[Instrument]]:
+    return [c for c in (registry or INSTRUMENTS) if c.wanted(cfg)]
+
+
+def check(cfg: RunConfig, registry: list[type[Instrument]] | None = None) -> None:
+    """Refuse, in one sentence, a config (its ds_config resolved) that a wanted instrument cannot
+    serve, or a probe name no instrument has."""
+    sources = getattr(cfg, "sources", {})
+    where = sources.get("trainer", "trainer.yaml")
+    allowed = probes(registry)
+    unknown = [p for p in probe_names(cfg) if p not in allowed]
+    if unknown:
+        raise ConfigError(
+            f"{where}: trainer.diagnostics.probes has unknown {unknown[0]!r}; allowed: {', '.join(allowed)}."
+        )
+    for c in wanted(cfg, registry):
+        text = c.refusal(cfg)
+        if text is not None:
+            source = cfg.ds_config_path if text.in_ds_config else where
+            raise ConfigError(f"{source}: {c.key} {text}")
+
+
+def optimizer_for(cfg: RunConfig, registry: list[type[Instrument]] | None = None) -> eng.OptimizerFactory:
+    """The optimizer factory :func:`dsinstab.run.engine.build_engine` takes: :class:`MitigatedAdamW`
+    when a wanted instrument acts inside the update, torch's AdamW otherwise."""
+    if not any(c.needs_mitigated_optimizer for c in wanted(cfg, registry)):
+        return eng.adamw
+
+    def mitigated(groups: list[dict], tc: TrainerConfig) -> torch.optim.Optimizer:
+        betas = (tc.adam_beta1, tc.adam_beta2)
+        return MitigatedAdamW(
+            groups, lr=tc.lr, betas=betas, eps=tc.adam_eps, update_clip=tc.mitigations.update_clip
+        )
+
+    return mitigated
+
+
+def build_plugins(
+    cfg: RunConfig, model: torch.nn.Module, engine, registry: list[type[Instrument]] | None = None
+) -> list[Instrument]:
+    """The run's instruments, in the registry's order: only those whose key is set are built."""
+    ctx = Context(cfg, model, engine)
+    return [c.build(ctx) for c in wanted(cfg, registry)]
