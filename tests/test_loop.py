@@ -55,10 +55,10 @@ calls = []
 signal.signal(signal.SIGTERM, lambda *a: calls.append("mine"))
 real_step = loop.train_step
 
-def failing_step(run, ctx):
+def failing_step(run, step, ctx):
     if run.step == 2:
         raise RuntimeError("the disk went away")
-    return real_step(run, ctx)
+    return real_step(run, step, ctx)
 
 loop.train_step = failing_step
 try:

@@ -1,30 +1,27 @@
-"""The mitigations (dsinstab/instruments/mitigations.py, dsinstab/instruments/optim.py, soft-capping in dsinstab/run/model.py).
+"""The mitigations (dsinstab/instruments/mitigations/, dsinstab/instruments/optim.py, soft-capping in dsinstab/run/model.py).
 
-Engines are built in this process on one rank and trained with the loop's own ``train_step`` on
+Engines are built in this process on one rank and trained with the loop's own ``advance`` on
 random tokens; one launcher run on two ranks shows that the decisions are collective.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import ROOT, TINY, assert_ok, ds_config, launch, python_train, train_rows
-from dsinstab.instruments.diagnostics import MasterCopies
-from dsinstab.instruments.mitigations import (
-    ZCLIP_WARMUP,
-    ZClip,
-    client_optimizer,
-    mitigation_plugins,
-    set_grad_clip,
-)
+from dsinstab.instruments import registry
+from dsinstab.instruments.masters import MasterCopies
+from dsinstab.instruments.mitigations.zclip import ZCLIP_WARMUP, ZClip
 from dsinstab.instruments.optim import MitigatedAdamW
 from dsinstab.run import engine as eng
 from dsinstab.run import loop
 from dsinstab.run.config import ConfigError, ModelConfig, load_config
 from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
+from dsinstab.run.engine import client_optimizer, set_grad_clip
 from dsinstab.run.lowp import compute_context
 from dsinstab.run.model import build_model, softcapped_attention
 from dsinstab.run.plugins import Plugins
@@ -55,8 +52,8 @@ class Order:
 
 
 class Tiny:
-    """conftest.TINY's model in an engine of ``ds`` with the mitigation plug-in, stepped by
-    ``loop.train_step`` exactly as a run steps it."""
+    """conftest.TINY's model in an engine of ``ds`` with the registry's mitigation plug-ins, stepped
+    by ``loop.advance`` exactly as a run steps it."""
 
     def __init__(self, ds: str, *overrides: str, repeat: bool = False):
         cfg = load_config(ROOT / "configs", [*TINY, *overrides])
@@ -64,16 +61,19 @@ class Tiny:
         cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
         t, vocab = cfg.trainer, cfg.dataset.vocab_size
         self.model = build_model(cfg.model, vocab, vocab - 1, t.seed)
-        self.engine = eng.build_engine(self.model, t, cfg.ds_config)
-        found = mitigation_plugins(t, self.model, self.engine)
-        self.plugin = found[0] if found else None
+        self.engine = eng.build_engine(self.model, t, cfg.ds_config, registry.optimizer_for(cfg))
+        found = registry.build_plugins(cfg, self.model, self.engine, registry.MITIGATIONS)
+        by_name = {p.name: p for p in found}
+        self.plugin = SimpleNamespace(  # each mitigation's own state, as the tests read it
+            skip=getattr(by_name.get("skip_step"), "skip", None),
+            qk=getattr(by_name.get("qk_clip"), "qk", None),
+        )
         self.run = loop.Run(
             cfg=cfg,
             engine=self.engine,
             model=self.model,
             data=Blocks(cfg),
             order=Order(t.micro_batch_size, repeat=repeat),
-            monitor=None,
             checkpointer=None,
             sink=None,
             plugins=Plugins(found),
@@ -89,21 +89,19 @@ class Tiny:
         and the grad norm jump (x4 the grad norm, +0.3 the loss of the tiny model)."""
         rows = []
         for _ in range(steps):
-            self.run.step += 1
-            self.run.plugins.begin_step(self.run.step)
             head = self.model.get_output_embeddings()
-            spike = (
-                head.register_forward_hook(lambda m, a, out: out * 4) if self.run.step in spike_at else None
-            )
-            losses, norm = loop.train_step(self.run, self.ctx)
+            spiking = self.run.step + 1 in spike_at
+            spike = head.register_forward_hook(lambda m, a, out: out * 4) if spiking else None
+            step, metrics, _ = loop.advance(self.run, self.ctx)
+            self.run.step = step.number
             if spike is not None:
                 spike.remove()
             rows.append(
                 {
-                    "step": self.run.step,
-                    "loss": float(losses.sum()),
-                    "grad_norm": norm,
-                    **self.run.plugins.collect(),
+                    "step": step.number,
+                    "loss": float(step.losses.sum()),
+                    "grad_norm": step.norm,
+                    **{k: v for k, v in metrics.items() if k.startswith("mitig/")},
                 }
             )
         return rows
@@ -285,7 +283,7 @@ def test_qk_clip_rescales_exactly_the_heads_over_tau(ds, arch, one_rank):
     def maxima() -> torch.Tensor:
         with tiny.ctx:
             tiny.engine(input_ids=batch.to(tiny.engine.device))
-        return qk.reduced(tiny.engine.device)
+        return qk.maxima()
 
     first = maxima()
     tau = float(first.flatten().median())
@@ -316,14 +314,19 @@ def test_qk_clip_rescales_exactly_the_heads_over_tau(ds, arch, one_rank):
 
 
 def test_qk_clip_is_refused_where_it_cannot_act(tmp_path):
+    # each plug-in refuses what it cannot serve (registry.check, run before anything is written)
     with pytest.raises(ConfigError, match="qk_clip_tau needs model.arch llama or gpt2"):
-        load_config(ROOT / "configs", ["model.arch=qwen3", "trainer.mitigations.qk_clip_tau=100"])
+        registry.check(
+            load_config(ROOT / "configs", ["model.arch=qwen3", "trainer.mitigations.qk_clip_tau=100"])
+        )
     cfg = load_config(ROOT / "configs", ["trainer.mitigations.update_clip=true"])
     path = ROOT / "ds_configs" / "zero3_bf16.json"
+    cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
+    cfg.ds_config_path = str(path)
     with pytest.raises(
         ConfigError, match=r"zero3_bf16.json: trainer.mitigations.update_clip needs ZeRO stage 0, 1 or 2"
     ):
-        resolve_ds_config(read_ds_config(path), path, cfg, 1)
+        registry.check(cfg)
     out = tmp_path / "runs"
     proc = python_train(
         "--ds_config", "zero3_bf16", "--set", *TINY, "trainer.mitigations.qk_clip_tau=100",

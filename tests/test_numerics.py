@@ -1,7 +1,7 @@
 """What a step applies and reports, on every shipped ds_config.
 
 Engines are built in this process on one rank (a launched run costs ~30 s; an engine here well under
-a second) and trained for a few steps on random tokens, with the same calls as ``loop.train_step``.
+a second) and trained for a few steps on random tokens with the loop's own ``advance``.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, ds_config
-from dsinstab.instruments.diagnostics import Diagnostics, MasterCopies
+from dsinstab.instruments import registry
+from dsinstab.instruments.base import Probe
+from dsinstab.instruments.masters import MasterCopies
 from dsinstab.run import engine as eng
+from dsinstab.run import loop
 from dsinstab.run.config import load_config
 from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
 from dsinstab.run.lowp import compute_context
 from dsinstab.run.model import build_model, lm_loss
+from dsinstab.run.plugins import Plugins
 
 DS_CONFIGS = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
 FP16 = [d for d in DS_CONFIGS if d.endswith("fp16")]
@@ -38,55 +42,75 @@ PROBE_KEYS = {
 pytestmark = pytest.mark.usefixtures("one_rank")  # conftest: in-process engines
 
 
+PROBES = [c for c in registry.INSTRUMENTS if issubclass(c, Probe)]  # the probes only, in the run's order
+
+
+class RandomTokens:
+    """Random blocks where the loop reads its packed data (``blocks(split, indices)``), drawn from
+    ``tokens``: a test may draw the next batch itself (:meth:`Tiny.batch`) or reseed it."""
+
+    def __init__(self, cfg, tokens: torch.Generator):
+        self.cfg, self.tokens = cfg, tokens
+
+    def blocks(self, split: str, indices: torch.Tensor) -> torch.Tensor:
+        shape = (len(indices), self.cfg.model.seq_len + 1)
+        return torch.randint(0, self.cfg.dataset.vocab_size, shape, generator=self.tokens)
+
+
+class Order:
+    def __init__(self, micro_batch: int):
+        self.position, self.mb = 0, micro_batch
+
+    def next(self) -> torch.Tensor:
+        self.position += 1
+        return torch.arange((self.position - 1) * self.mb, self.position * self.mb)
+
+
 class Tiny:
-    """conftest.TINY's model in an engine of ``ds`` (a name in ds_configs/ or a path)."""
+    """conftest.TINY's model in an engine of ``ds`` (a name in ds_configs/ or a path), with the
+    registry's probes on every step when ``probes``, stepped by ``loop.advance`` as a run steps it."""
 
     def __init__(self, ds: str, *overrides: str, corrected: bool = True, probes: bool = False):
         self.cfg = load_config(ROOT / "configs", [*TINY, *overrides])
         path = ds if ds.endswith(".json") else ROOT / "ds_configs" / f"{ds}.json"
         self.cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, self.cfg, 1)
         t, vocab = self.cfg.trainer, self.cfg.dataset.vocab_size
-        self.model = build_model(self.cfg.model, vocab, vocab - 1, t.seed)
-        self.engine = eng.build_engine(self.model, t, self.cfg.ds_config, correct_faults=corrected)
         t.diagnostics.every = 1 if probes else 0
-        self.diag = Diagnostics(t.diagnostics, self.model, self.engine, t.adam_eps, t.adam_beta2)
-        self.ctx = compute_context(self.engine)
+        self.model = build_model(self.cfg.model, vocab, vocab - 1, t.seed)
+        optimizer = registry.optimizer_for(self.cfg)
+        self.engine = eng.build_engine(self.model, t, self.cfg.ds_config, optimizer, correct_faults=corrected)
         self.tokens = torch.Generator().manual_seed(1)
-        self.step = 0
+        self.run = loop.Run(
+            cfg=self.cfg,
+            engine=self.engine,
+            model=self.model,
+            data=RandomTokens(self.cfg, self.tokens),
+            order=Order(t.micro_batch_size),
+            checkpointer=None,
+            plugins=Plugins(registry.build_plugins(self.cfg, self.model, self.engine, PROBES)),
+            run_dir=None,
+            rank=0,
+            world=1,
+        )
+        self.run.plugins.bind(self.run)
+        self.ctx = compute_context(self.engine)
 
     def batch(self) -> torch.Tensor:
-        t, m = self.cfg.trainer, self.cfg.model
-        shape = (t.micro_batch_size, m.seq_len + 1)
-        return torch.randint(0, self.cfg.dataset.vocab_size, shape, generator=self.tokens).to(
-            self.engine.device
-        )
+        indices = torch.arange(self.cfg.trainer.micro_batch_size)  # the data draws the next batch
+        return self.run.data.blocks("train", indices).to(self.engine.device)
 
     def train(self, steps: int) -> list[dict]:
-        """``steps`` optimizer steps as loop.train_step takes them; one row of readouts per step."""
-        rows, engine, diag = [], self.engine, self.diag
+        """``steps`` optimizer steps as the loop takes them; one row of readouts per step."""
+        rows = []
         for _ in range(steps):
-            self.step += 1
-            diag.begin_step(self.step)
-            losses = []
-            for _ in range(self.cfg.trainer.gradient_accumulation_steps):
-                batch = self.batch()
-                with self.ctx:
-                    logits = engine(input_ids=batch[:, :-1]).logits
-                    diag.observe_logits(logits)
-                    loss, parts = lm_loss(logits, batch[:, 1:], 0.0)
-                    engine.backward(loss)
-                losses.append(float(parts["ce"]))
-                if len(losses) == self.cfg.trainer.gradient_accumulation_steps:
-                    before = eng.grads_norm(self.model) if eng.needs_pre_step_norm(engine) else None
-                    diag.before_step()
-                engine.step()
-            diag.after_step()
+            step, metrics, _ = loop.advance(self.run, self.ctx)
+            self.run.step = step.number
             rows.append(
                 {
-                    "loss": sum(losses) / len(losses),
-                    "grad_norm": eng.grad_norm(engine, self.model, before),
-                    "loss_scale": eng.loss_scale(engine),
-                    **diag.collect(),
+                    "loss": metrics["train/loss"],
+                    "grad_norm": metrics["train/grad_norm"],
+                    "loss_scale": step.loss_scale,
+                    **{k: v for k, v in metrics.items() if k.startswith("diag/")},
                 }
             )
         return rows

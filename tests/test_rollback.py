@@ -6,22 +6,22 @@ from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 
-from dsinstab.instruments.spikes import SpikeMonitor
-from dsinstab.run import loop
+from dsinstab.run import actions as loop  # rollback is one of the actions the loop takes
 from dsinstab.run.config import SpikesConfig
 from dsinstab.run.data import BatchOrder
 from dsinstab.run.plugins import Plugins
+from dsinstab.run.policy import ActionPolicy
 
 
 class Checkpoints:
     """step-200 only, as DeepSpeed's load would hand back its client state."""
 
-    def __init__(self, monitor):
+    def __init__(self, policy):
         self.state = {
             "step": 200,
             "tokens_seen": 0,
             "batch_order": {"position": 200},
-            "monitor": monitor.state_dict(),
+            "policy": policy.state_dict(),
             "plugins": {},
             "history": [],
             "rng": {"torch": None, "python": None},
@@ -47,15 +47,15 @@ class Events:
 
 def test_a_second_rollback_to_the_same_checkpoint_never_reads_the_first_spikes_batches(monkeypatch):
     spikes = SpikesConfig(rollback_min_back=10, rollback_skip=5)
-    monitor = SpikeMonitor(spikes, fp16=False)
+    policy = ActionPolicy(spikes)
     cfg = SimpleNamespace(trainer=SimpleNamespace(spikes=spikes, gradient_accumulation_steps=1))
     # the RNG state is not this test's concern
     monkeypatch.setattr("dsinstab.run.state.torch.set_rng_state", lambda s: None)
     monkeypatch.setattr("dsinstab.run.state.random.setstate", lambda s: None)
     run = SimpleNamespace(
         cfg=cfg,
-        checkpointer=Checkpoints(monitor),
-        monitor=monitor,
+        checkpointer=Checkpoints(policy),
+        policy=policy,
         sink=Events(),
         plugins=Plugins([]),
         order=BatchOrder(10**6, 1, 1, 0, 0),

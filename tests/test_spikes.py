@@ -13,9 +13,10 @@ from dsinstab.instruments.spikes import (
     RobustSpikeDetector,
     SpikeMonitor,
     SpikeScore,
-    firing_record,
 )
 from dsinstab.run.config import SpikesConfig
+from dsinstab.run.plugins import firing_record
+from dsinstab.run.policy import ActionPolicy
 
 
 def feed(det, values):
@@ -173,9 +174,9 @@ def test_the_spike_score_is_absent_until_a_full_window():
 
 
 def test_policy_cooldown_and_caps():
-    mon = SpikeMonitor(SpikesConfig(action="checkpoint", cooldown=10, max_checkpoints=2), fp16=False)
+    mon = ActionPolicy(SpikesConfig(action="checkpoint", cooldown=10, max_checkpoints=2))
     assert [mon.decide(s) for s in (100, 105, 111, 130)] == ["checkpoint", "none", "checkpoint", "none"]
-    roll = SpikeMonitor(SpikesConfig(action="rollback", max_rollbacks=1), fp16=False)
+    roll = ActionPolicy(SpikesConfig(action="rollback", max_rollbacks=1))
     assert [roll.decide(s) for s in (10, 20)] == ["rollback", "stop"]
 
 

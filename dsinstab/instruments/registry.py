@@ -27,6 +27,12 @@ from dsinstab.instruments.spikes import SpikeMonitor
 from dsinstab.run import engine as eng
 from dsinstab.run.config import ConfigError, RunConfig, TrainerConfig
 
+MITIGATIONS: list[type[Instrument]] = [
+    ZClipPlugin,  # trainer.mitigations.zclip_z
+    SkipStepPlugin,  # trainer.mitigations.skip_step_sigma
+    UpdateClipPlugin,  # trainer.mitigations.update_clip
+    QKClipPlugin,  # trainer.mitigations.qk_clip_tau
+]
 INSTRUMENTS: list[type[Instrument]] = [
     SpikeMonitor,  # trainer.spikes (always on)
     InjectedFault,  # trainer.inject.at_step
@@ -36,10 +42,7 @@ INSTRUMENTS: list[type[Instrument]] = [
     LayerNormProbe,  # ... layer_norms
     AdamProbe,  # ... adam
     OverflowAnatomy,  # trainer.overflow.locate, and the headroom probe
-    ZClipPlugin,  # trainer.mitigations.zclip_z
-    SkipStepPlugin,  # trainer.mitigations.skip_step_sigma
-    UpdateClipPlugin,  # trainer.mitigations.update_clip
-    QKClipPlugin,  # trainer.mitigations.qk_clip_tau
+    *MITIGATIONS,
 ]
 OTHER_PROBES = ("headroom",)  # probe names served by an instrument that is not a Probe
 
@@ -66,10 +69,10 @@ def check(cfg: RunConfig, registry: list[type[Instrument]] | None = None) -> Non
             f"{where}: trainer.diagnostics.probes has unknown {unknown[0]!r}; allowed: {', '.join(allowed)}."
         )
     for c in wanted(cfg, registry):
-        text = c.refusal(cfg)
-        if text is not None:
-            source = cfg.ds_config_path if text.in_ds_config else where
-            raise ConfigError(f"{source}: {c.key} {text}")
+        refusal = c.refusal(cfg)
+        if refusal is not None:
+            source = cfg.ds_config_path if refusal.in_ds_config else where
+            raise ConfigError(f"{source}: {c.key} {refusal.text}")
 
 
 def optimizer_for(cfg: RunConfig, registry: list[type[Instrument]] | None = None) -> eng.OptimizerFactory:

@@ -49,13 +49,13 @@ class QKClip:
             return [(module.c_attn.weight, 1, [0, d]), (module.c_attn.bias, 0, [0, d])]
         return []
 
-    def maxima(self, step: Step) -> torch.Tensor:
-        """(layers x heads) maxima of the step's training forwards, flat; -inf where none was seen.
-        Reduced with MAX over ranks as a reading."""
+    def maxima(self) -> torch.Tensor:
+        """(layers, heads) maxima of the training forwards since the last call, this rank's; -inf
+        where none was seen."""
         got = self.recorder.take()
         device = self.engine.device
         rows = [got.get(i, torch.full((self.n_heads,), -math.inf)).to(device) for i in sorted(self.targets)]
-        return torch.stack(rows).flatten()
+        return torch.stack(rows)
 
     @torch.no_grad()
     def apply(self, maxima: list[list[float]]) -> int:
@@ -112,7 +112,7 @@ class QKClipPlugin(Instrument):
         return None
 
     def readings(self, step: Step) -> dict:
-        return {"qk": (self.qk.maxima(step), "max")}
+        return {"qk": (self.qk.maxima().flatten(), "max")}  # the maximum over ranks
 
     def collect(self, step: Step, values: dict) -> dict:
         flat, heads = values["qk"], self.qk.n_heads
