@@ -8,12 +8,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_ok, ds_config, launch, train_rows
-from dsinstab.instruments.diagnostics import AttentionLogitProbe, OutputLogitProbe, reduce_readings
-from dsinstab.run.config import ModelConfig
+from conftest import ROOT, assert_ok, ds_config, launch, train_rows
+from dsinstab.instruments.base import Context
+from dsinstab.instruments.probes.attn_logits import AttentionLogitProbe
+from dsinstab.instruments.probes.out_logits import OutputLogitProbe
+from dsinstab.run.config import ModelConfig, load_config
 from dsinstab.run.model import build_model
+from dsinstab.run.plugins import Step, reduce_readings
 
 TINY = dict(n_layer=2, d_model=64, n_head=4, seq_len=16)
+
+
+def probe_of(kind, model: torch.nn.Module | None = None):
+    """A probe of ``kind`` as the registry builds it, probing every step, on ``model`` (none: a
+    model without attention, for a probe fed by hand), and a probe step it is active in."""
+    cfg = load_config(ROOT / "configs", ["trainer.diagnostics.every=1"])
+    probe = kind(Context(cfg, model if model is not None else torch.nn.Module(), engine=None))
+    step = Step(number=1)
+    probe.begin_step(step)
+    return probe, step
 
 
 def test_attention_probe_matches_an_explicit_causal_q_kT():
@@ -21,17 +34,17 @@ def test_attention_probe_matches_an_explicit_causal_q_kT():
     q, k = (torch.randn(2, 4, 16, 8) * 3 for _ in range(2))
     # make a future position hold the largest logit: the causal mask must hide it
     k[:, :, -1] = q[:, :, 0] * 10
-    probe = AttentionLogitProbe()
-    probe.record(3, q, k, scaling=8**-0.5)
+    probe, step = probe_of(AttentionLogitProbe)
+    probe.recorder.record(3, q, k, scaling=8**-0.5)
     scores = q @ k.transpose(-1, -2) / math.sqrt(8)
     causal = torch.ones(16, 16, dtype=torch.bool).tril()
     expected = float(scores.masked_fill(~causal, -math.inf).amax())
-    assert float(probe.maxima[3]) == pytest.approx(expected, rel=1e-5)
+    assert float(probe.recorder.maxima[3].amax()) == pytest.approx(expected, rel=1e-5)  # over the heads
     assert expected < float(scores.amax())  # the unmasked maximum is in the future
-    assert reduce_readings(probe.readings()) == {
+    assert reduce_readings(probe.readings(step)) == {
         "diag/attn_logit_max/layer_3": pytest.approx(expected, rel=1e-5)
     }
-    assert probe.maxima == {}
+    assert probe.recorder.maxima == {}
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -44,24 +57,22 @@ def test_the_probe_wraps_the_models_own_attention_and_changes_nothing(arch, attn
     x = torch.randint(0, 100, (2, 16))
     ref = tiny()(input_ids=x).logits
     model, other = tiny(), tiny()
-    probe, others = AttentionLogitProbe(), AttentionLogitProbe()
-    probe.attach(model)
-    others.attach(other)  # a second model in the process keeps its own probe
+    probe, step = probe_of(AttentionLogitProbe, model)  # built inactive; active from this probe step on
+    others, _ = probe_of(AttentionLogitProbe, other)  # a second model in the process keeps its own probe
+    others.recorder.active = False
     assert model.config._attn_implementation == f"dsinstab_probe_{attn}"
-    probe.active = True
     assert torch.equal(model(input_ids=x).logits, ref)
-    assert sorted(probe.maxima) == [0, 1] and others.maxima == {}
-    probe.active = False
+    assert sorted(probe.recorder.maxima) == [0, 1] and others.recorder.maxima == {}
+    probe.recorder.active = False
     model(input_ids=x)
-    assert probe.readings() and probe.maxima == {}
+    assert probe.readings(step) and probe.recorder.maxima == {}
 
 
 def test_log_z_matches_logsumexp():
     logits = torch.randn(3, 7, 50) * 4
-    probe = OutputLogitProbe()
-    probe.active = True
-    probe.observe(logits)
-    out = reduce_readings(probe.readings())
+    probe, step = probe_of(OutputLogitProbe)
+    probe.observe_logits(logits)
+    out = reduce_readings(probe.readings(step))
     assert out["diag/log_z"] == pytest.approx(float(torch.logsumexp(logits, -1).mean()), rel=1e-6)
     assert out["diag/out_logit_max"] == pytest.approx(float(logits.max()))
     assert out["diag/out_logit_mean"] == pytest.approx(float(logits.mean()), abs=1e-6)

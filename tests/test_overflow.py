@@ -2,8 +2,8 @@
 against hand-computed tensors, DeepSpeed's skipping of non-finite bf16/fp32 steps, and one run
 through the launcher with its report table and plot.
 
-Engines are built in this process on one rank (as in test_numerics.py), stepped the way
-``loop.train_step`` steps them.
+Engines are built in this process on one rank (as in test_numerics.py), stepped by the loop's own
+``advance``.
 """
 
 from __future__ import annotations
@@ -15,19 +15,24 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
 from conftest import ROOT, TINY, assert_ok, ds_config, launch, train_rows
+from dsinstab.instruments.base import Context
 from dsinstab.instruments.overflow import FP16_MAX, OverflowAnatomy, count_below, skips_nonfinite_steps
 from dsinstab.run import engine as eng
+from dsinstab.run import loop
 from dsinstab.run.config import load_config
 from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
 from dsinstab.run.lowp import compute_context
-from dsinstab.run.model import build_model, lm_loss
+from dsinstab.run.model import build_model
+from dsinstab.run.plugins import Plugins, Step
 
 pytestmark = pytest.mark.usefixtures("one_rank")  # conftest: in-process engines
 
 
 def setup(ds: str, *overrides: str, model: torch.nn.Module | None = None, before_plugin=None):
     """(config, model, engine, plugin) for conftest.TINY's model, or ``model``, in ds_config ``ds``.
-    ``before_plugin(model)`` runs before the plug-in hooks the model (a fault inside a module)."""
+    ``before_plugin(model)`` runs before the plug-in hooks the model (a fault inside a module).
+    The plug-in is the one plug-in of a loop :class:`~dsinstab.run.loop.Run` that :func:`lm_step`
+    steps."""
     cfg = load_config(ROOT / "configs", [*TINY, *overrides])
     path = ds if ds.endswith(".json") else ROOT / "ds_configs" / f"{ds}.json"
     cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
@@ -36,26 +41,69 @@ def setup(ds: str, *overrides: str, model: torch.nn.Module | None = None, before
     if before_plugin:
         before_plugin(model)
     engine = eng.build_engine(model, cfg.trainer, cfg.ds_config)
-    return cfg, model, engine, OverflowAnatomy(cfg.trainer, model, engine)
+    plugin = OverflowAnatomy(Context(cfg, model, engine))
+    run = loop.Run(
+        cfg=cfg,
+        engine=engine,
+        model=model,
+        data=StepTokens(cfg),
+        order=Order(cfg.trainer.micro_batch_size),
+        checkpointer=None,
+        plugins=Plugins([plugin]),
+        run_dir=None,
+        rank=0,
+        world=1,
+    )
+    run.plugins.bind(run)
+    RUNS.clear()  # one test's run at a time
+    RUNS[id(plugin)] = run
+    return cfg, model, engine, plugin
+
+
+RUNS: dict[int, loop.Run] = {}  # the loop's run around each plug-in :func:`setup` built, by id
+
+
+class StepTokens:
+    """Random tokens where the loop reads its packed data (``blocks(split, indices)``): each step
+    its own batch, drawn with the step number as the seed."""
+
+    def __init__(self, cfg):
+        self.cfg, self.seed = cfg, 0
+
+    def blocks(self, split: str, indices: torch.Tensor) -> torch.Tensor:
+        tokens = torch.Generator().manual_seed(self.seed)
+        shape = (len(indices), self.cfg.model.seq_len + 1)
+        return torch.randint(0, self.cfg.dataset.vocab_size, shape, generator=tokens)
+
+
+class Order:
+    def __init__(self, micro_batch: int):
+        self.mb = micro_batch
+
+    def next(self) -> torch.Tensor:
+        return torch.arange(self.mb)
 
 
 def lm_step(cfg, engine, plugin, step: int, blow_up_logit_grads: bool = False) -> dict:
-    """One optimizer step on random tokens, with the plug-in's hooks where the loop calls them."""
-    tokens = torch.Generator().manual_seed(step)
-    batch = torch.randint(0, cfg.dataset.vocab_size, (4, cfg.model.seq_len + 1), generator=tokens)
-    plugin.begin_step(step)
-    with compute_context(engine):
-        logits = engine(input_ids=batch[:, :-1]).logits
-        plugin.observe_logits(logits)
-        if blow_up_logit_grads:  # the loss stays finite; the gradient reaching the logits does not
-            logits = logits * 1.0
-            logits.register_hook(lambda g: g * math.inf)
-        loss, _ = lm_loss(logits, batch[:, 1:], 0.0)
-        engine.backward(loss)
-    plugin.before_step()
-    engine.step()
-    plugin.after_step()
-    return plugin.collect()
+    """One optimizer step on random tokens, taken by ``loop.advance`` with the plug-in in the run."""
+    run = RUNS[id(plugin)]
+    run.data.seed = step  # the step's batch; the loop numbers the step run.step + 1
+    assert run.step + 1 == step
+
+    def blow_up(module, args, logits):  # the loss stays finite; the gradient reaching the logits does not
+        logits = logits * 1.0
+        logits.register_hook(lambda g: g * math.inf)
+        return logits
+
+    head = run.model.get_output_embeddings()
+    hook = head.register_forward_hook(blow_up) if blow_up_logit_grads else None
+    try:
+        _, metrics, _ = loop.advance(run, compute_context(engine))
+    finally:
+        if hook is not None:
+            hook.remove()
+    run.step = step
+    return {k: v for k, v in metrics.items() if k.startswith("diag/")}
 
 
 class Switch:
@@ -163,12 +211,15 @@ def test_headroom_and_underflow_match_hand_computed_tensors(tmp_path):
     )
     x = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
     c = torch.tensor([[1e-12, 0.0], [0.0, 1.0]])
-    plugin.begin_step(1)
+    step, plugins = Step(number=1), Plugins([plugin])  # the loop's calls, around a step of OneLayer
+    plugins.begin_step(step)
     out = engine(x)
     engine.backward((out * c).sum())
+    plugins.before_step(step)
     engine.step()
-    plugin.after_step()
-    metrics = plugin.collect()
+    plugins.after_step(step)
+    plugins.read(step, {})
+    metrics = plugins.collect(step)
     assert metrics == {
         "diag/headroom_act/layer_0": pytest.approx(9 / 65504),
         "diag/headroom_grad/layer_0": pytest.approx(3 * 1024 / 65504),
@@ -177,7 +228,7 @@ def test_headroom_and_underflow_match_hand_computed_tensors(tmp_path):
     }
     assert FP16_MAX == 65504
     state = plugin.state_dict()  # the step's maxima ride in the checkpoint
-    other = OverflowAnatomy(cfg.trainer, OneLayer(), engine)
+    other = OverflowAnatomy(Context(cfg, OneLayer(), engine))
     other.load_state_dict(state)
     assert other.state_dict() == state and max(state["prev"]) == 9
 

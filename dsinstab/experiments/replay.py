@@ -22,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from dsinstab.experiments.sweep import outcome, read_status
-from dsinstab.run.config import PROBES, SECTIONS, ConfigError, load_config
+from dsinstab.instruments import registry
+from dsinstab.run.config import SECTIONS, ConfigError, load_config
 from dsinstab.run.ds_config import YAML_OWNED, precision, resolve_ds_config
 from dsinstab.run.status import EXIT_BAD_INPUT, RunEnd
 
@@ -213,7 +214,7 @@ def branch_ds_config(source: Source, plan: Plan) -> dict:
 
 
 def branch_overrides(source: Source, plan: Plan, out: Path, window: int) -> list[str]:
-    probes = ",".join(PROBES)
+    probes = ",".join(registry.probes())
     return [
         *plan.sets,
         "trainer.diagnostics.every=1",
@@ -237,7 +238,11 @@ def check_plans(source: Source, plans: list[Plan], out: Path, window: int) -> No
         for plan in plans:
             try:
                 cfg = load_config(ROOT / "configs", branch_overrides(source, plan, out, window), preset)
-                resolve_ds_config(branch_ds_config(source, plan), "ds_config", cfg, source.world)
+                cfg.ds_config, _ = resolve_ds_config(
+                    branch_ds_config(source, plan), "ds_config", cfg, source.world
+                )
+                cfg.ds_config_path = "ds_config"
+                registry.check(cfg)
             except ConfigError as e:  # say which intervention, not the --set it became
                 raise ConfigError(f"--intervene {plan.spec}: {str(e).removeprefix('--set: ')}") from None
 

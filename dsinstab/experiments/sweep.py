@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsinstab.instruments import registry
 from dsinstab.run.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
 from dsinstab.run.resolve import DEFAULT_DS_CONFIG, ROOT, find_path, resolve
 from dsinstab.run.status import EXIT_INTERRUPTED, RunEnd
@@ -224,10 +225,13 @@ def load_grid(path: str | Path, out: str | Path | None = None) -> Grid:
 def _resolve(
     path: Path, where: str, config_dir: str, ds: str, preset: str | None, overrides: list[str]
 ) -> tuple[RunConfig, argparse.Namespace]:
-    """cli.resolve, as train.py calls it for one rank; ``args`` comes back with the paths found."""
+    """The config as train.py resolves and checks it for one rank (its plug-ins' refusals
+    included); ``args`` comes back with the paths found."""
     args = argparse.Namespace(config_dir=config_dir, preset=preset, ds_config=ds, overrides=list(overrides))
     try:
-        return resolve(args, 1)[0], args
+        cfg = resolve(args, 1)[0]
+        registry.check(cfg)
+        return cfg, args
     except ConfigError as e:
         raise _reworded(e, path, where) from None
 
