@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, assert_ok, ds_config, launch, train_rows
+from dsinstab.instruments.attention import ATTENTION
 from dsinstab.instruments.base import Context
 from dsinstab.instruments.probes.attn_logits import AttentionLogitProbe
 from dsinstab.instruments.probes.out_logits import OutputLogitProbe
@@ -60,7 +61,7 @@ def test_the_probe_wraps_the_models_own_attention_and_changes_nothing(arch, attn
     probe, step = probe_of(AttentionLogitProbe, model)  # built inactive; active from this probe step on
     others, _ = probe_of(AttentionLogitProbe, other)  # a second model in the process keeps its own probe
     others.recorder.active = False
-    assert model.config._attn_implementation == f"dsinstab_probe_{attn}"
+    assert model.config._attn_implementation == f"{ATTENTION}_{attn}"
     assert torch.equal(model(input_ids=x).logits, ref)
     assert sorted(probe.recorder.maxima) == [0, 1] and others.recorder.maxima == {}
     probe.recorder.active = False

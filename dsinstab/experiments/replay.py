@@ -22,7 +22,6 @@ from pathlib import Path
 import yaml
 
 from dsinstab.experiments.sweep import outcome, read_status
-from dsinstab.instruments import registry
 from dsinstab.run.config import SECTIONS, ConfigError, load_config
 from dsinstab.run.ds_config import YAML_OWNED, precision, resolve_ds_config
 from dsinstab.run.status import EXIT_BAD_INPUT, RunEnd
@@ -214,6 +213,8 @@ def branch_ds_config(source: Source, plan: Plan) -> dict:
 
 
 def branch_overrides(source: Source, plan: Plan, out: Path, window: int) -> list[str]:
+    from dsinstab.instruments import registry  # here: DeepSpeed's logger prints to stdout on import
+
     probes = ",".join(registry.probes())
     return [
         *plan.sets,
@@ -232,6 +233,8 @@ def preset_text(config: dict) -> str:
 
 def check_plans(source: Source, plans: list[Plan], out: Path, window: int) -> None:
     """Every branch's config and ds_config, checked as train.py will check them, before anything is written."""
+    from dsinstab.instruments import registry  # here: DeepSpeed's logger prints to stdout on import
+
     with tempfile.TemporaryDirectory() as tmp:
         preset = Path(tmp) / "source.yaml"
         preset.write_text(preset_text(source.config))
