@@ -127,7 +127,9 @@ def assemble(cfg: RunConfig, parts: Parts, rank: int, world: int, say) -> loop.R
         if rank == 0
         else NullSink()
     )
-    plugins = [*registry.build_plugins(cfg, parts.model, parts.engine), Branch()]
+    # the branch first: its skip moves the data position before any plug-in reads it (a fault
+    # injected at a position is skipped with its batches)
+    plugins = [Branch(), *registry.build_plugins(cfg, parts.model, parts.engine)]
     return loop.Run(
         cfg=cfg,
         engine=parts.engine,

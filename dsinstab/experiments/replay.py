@@ -21,10 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from dsinstab.experiments.sweep import outcome, read_status
 from dsinstab.run.config import SECTIONS, ConfigError, load_config
 from dsinstab.run.ds_config import YAML_OWNED, precision, resolve_ds_config
-from dsinstab.run.status import EXIT_BAD_INPUT, RunEnd
+from dsinstab.run.status import EXIT_BAD_INPUT, RunEnd, outcome, read_status
 
 ROOT = Path(__file__).resolve().parents[2]
 # the exit codes of a branch that ended with a result (not one that failed)

@@ -34,7 +34,7 @@ from pathlib import Path
 from dsinstab.instruments import registry
 from dsinstab.run.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
 from dsinstab.run.resolve import DEFAULT_DS_CONFIG, ROOT, find_path, resolve
-from dsinstab.run.status import EXIT_INTERRUPTED, RunEnd
+from dsinstab.run.status import EXIT_INTERRUPTED, RunEnd, outcome, read_status
 
 TRAIN = ROOT / "scripts" / "train.py"
 SWEEP = ROOT / "scripts" / "sweep.py"
@@ -272,20 +272,6 @@ def _check_models(path: Path, points: list[Point]) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # One point: what is left to do, and the command that does it
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def outcome(status: dict) -> RunEnd | None:
-    """How a run ended, where that ending is its result (finished, died at the minimum loss scale,
-    stopped by a detector: a rerun skips it); ``None`` for any other state or none."""
-    end = RunEnd.of(status.get("state"))
-    return end if end is not None and end.is_outcome else None
 
 
 def plan(point: Point) -> str:

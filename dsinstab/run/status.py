@@ -7,6 +7,8 @@ and the replay read it to tell an ended point from one to run again.
 from __future__ import annotations
 
 import enum
+import json
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2  # a ConfigError: one sentence on stderr, nothing written
 
@@ -42,6 +44,22 @@ class RunEnd(enum.Enum):
 
 
 EXIT_INTERRUPTED = RunEnd.interrupted.code
+
+
+def read_status(run_dir: Path) -> dict:
+    """A run directory's ``status.json`` (empty when there is none yet, or it cannot be read)."""
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def outcome(status: dict) -> RunEnd | None:
+    """How a run ended, where that ending is its result (finished, died at the minimum loss scale,
+    stopped by a detector: a rerun skips it); ``None`` for any other state or none."""
+    end = RunEnd.of(status.get("state"))
+    return end if end is not None and end.is_outcome else None
+
 
 # the exit codes as ``train.py --help`` lists them
 EXIT_CODES = {
