@@ -11,8 +11,10 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, TINY, assert_ok, env, launch, run_cmd, train_rows
+from conftest import ROOT, TINY, assert_ok, env, launch, launch_cmd, run_cmd, spawn, train_rows
 from dsinstab.run.data import BatchOrder
+from dsinstab.run.loop import ProgressLines
+from dsinstab.run.status import outcome, read_status
 from dsinstab.run.tracking import read_jsonl
 
 
@@ -110,3 +112,86 @@ def test_a_rollback_at_a_periodic_step_writes_no_tag_for_an_earlier_state(tmp_pa
     # step-20 is the second step 20: position 10, then 12 micro batches skipped, then 10 steps
     client = torch.load(ckpts / "step-20" / "mp_rank_00_model_states.pt", weights_only=False)
     assert client["dsinstab"]["batch_order"]["position"] == 10 + 12 + 10
+
+
+RANK_FAILS = """
+import sys
+sys.path.insert(0, {root!r})
+from dsinstab.commands import train as cli
+from dsinstab.run import loop
+
+real_step = loop.train_step
+
+def failing_step(run, step, ctx):
+    if run.rank == 1 and run.step == 2:
+        raise RuntimeError("the disk of rank 1 went away")
+    return real_step(run, step, ctx)
+
+loop.train_step = failing_step
+cli.main()
+"""
+
+
+def test_a_rank_that_fails_alone_leaves_a_status_that_says_so(tmp_path, cache_dir):
+    # rank 1 fails at step 3; rank 0 waits for it in the step's collectives until the launcher kills it
+    script = tmp_path / "rank_fails.py"
+    script.write_text(textwrap.dedent(RANK_FAILS).format(root=str(ROOT)))
+    cmd = launch_cmd(tmp_path, cache_dir, ranks=2, name="r")
+    cmd[cmd.index(str(ROOT / "scripts" / "train.py"))] = str(script)
+    proc = run_cmd(cmd, 300)
+    assert proc.returncode != 0
+    assert "the disk of rank 1 went away" in proc.stderr, proc.stderr[-3000:]
+    status = read_status(tmp_path / "runs" / "r")
+    assert (status["state"], status.get("rank"), status["step"]) == ("failed", 1, 2), status
+    assert status["message"] == "rank 1: RuntimeError: the disk of rank 1 went away"
+    assert outcome(status) is None  # a sweep runs the point again
+
+
+def test_without_a_terminal_progress_is_plain_lines_even_when_the_run_ends_early(tmp_path, cache_dir):
+    # stderr to a file, as in a sweep's log or CI; a detector stops the run before its last step
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        "--set",
+        *TINY,
+        "utils.progress_bar=true",
+        "trainer.inject.at_step=8",
+        "trainer.spikes.action=stop",
+        f"utils.output_dir={tmp_path / 'runs'}",
+        f"utils.cache_dir={cache_dir}",
+        "utils.run_name=p",
+    ]
+    log = tmp_path / "stderr.log"
+    with open(log, "w") as f, spawn(cmd, stdout=f, stderr=f) as p:
+        assert p.wait(timeout=300) == 4, log.read_text()[-3000:]
+    text, end = log.read_text(), read_status(tmp_path / "runs" / "p")["step"]
+    assert end < 12 and "stopped by a detector" in text
+    assert "\r" not in text  # no tqdm frames
+    # the bar's stand-in closed on the early return with a line for the step the run ended at
+    line = rf"^step {end}/12 \({100 * end // 12}%\)  [0-9.e+]+ steps/s  loss=[0-9.]+$"
+    assert re.search(line, text, re.M), text[-3000:]
+
+
+def test_progress_lines_come_every_interval_and_once_at_the_end():
+    now, out = [0.0], []
+
+    class Lines:
+        def write(self, s):
+            out.append(s)
+
+        def flush(self):
+            pass
+
+    bar = ProgressLines(100, 10, every=30, file=Lines(), clock=lambda: now[0])
+    for _ in range(20):  # 20 steps of 4 s: a line at 32 s and at 64 s, none between
+        now[0] += 4
+        bar.set_postfix(loss="1.000")
+        bar.update(1)
+    lines = "".join(out).splitlines()
+    assert lines == [
+        "step 18/100 (18%)  0.25 steps/s  loss=1.000",
+        "step 26/100 (26%)  0.25 steps/s  loss=1.000",
+    ]
+    bar.close()
+    bar.close()  # closing twice writes nothing more
+    assert "".join(out).splitlines()[2:] == ["step 30/100 (30%)  0.25 steps/s  loss=1.000"]

@@ -15,6 +15,8 @@ import torch
 from conftest import ROOT, TINY, assert_ok, ds_config, launch, python_train, train_rows
 from dsinstab.instruments import registry
 from dsinstab.instruments.masters import MasterCopies
+from dsinstab.instruments.mitigations import zclip as zclip_module
+from dsinstab.instruments.mitigations.update_norm_clip import UpdateNormWindow
 from dsinstab.instruments.mitigations.zclip import ZCLIP_WARMUP, ZClip
 from dsinstab.instruments.optim import MitigatedAdamW
 from dsinstab.run import engine as eng
@@ -67,6 +69,8 @@ class Tiny:
         self.plugin = SimpleNamespace(  # each mitigation's own state, as the tests read it
             skip=getattr(by_name.get("skip_step"), "skip", None),
             qk=getattr(by_name.get("qk_clip"), "qk", None),
+            zclip=getattr(by_name.get("zclip"), "zclip", None),
+            update_norm=getattr(by_name.get("update_norm_clip"), "window", None),
         )
         self.run = loop.Run(
             cfg=cfg,
@@ -140,7 +144,7 @@ def applied_norms(engine) -> dict[int, float]:
 
 
 def test_zclip_clips_exactly_when_the_norm_passes_the_ema_threshold():
-    z = ZClip(z=2.5, alpha=0.97, base_clip=0.0)
+    z = ZClip(z=2.5, alpha=0.97, base_clip=0.0, mode="threshold")
     norms = [1.0 + 0.1 * math.sin(i) for i in range(ZCLIP_WARMUP)]
     for n in norms:
         assert z.clip() == 0.0 and not z.observe(n)  # warm-up: trainer.grad_clip (0: none)
@@ -154,11 +158,58 @@ def test_zclip_clips_exactly_when_the_norm_passes_the_ema_threshold():
     assert z.observe(threshold * 10)  # a spike: clipped, and the EMA takes the clipped value
     m1 = 0.97 * (0.97 * mean + 0.03 * below) + 0.03 * threshold
     assert z.mean == pytest.approx(m1)
-    assert ZClip(2.5, 0.97, base_clip=0.5).clip() == 0.5
+    assert ZClip(2.5, 0.97, base_clip=0.5, mode="threshold").clip() == 0.5
     state = z.state_dict()
-    again = ZClip(2.5, 0.97, 0.0)
+    again = ZClip(2.5, 0.97, 0.0, mode="threshold")
     again.load_state_dict(state)
     assert again.threshold() == z.threshold() and again.observe(5.0) == z.observe(5.0)
+
+
+def test_adaptive_zclip_clips_to_mu_plus_z_thr_squared_over_z_sigma_by_hand():
+    """The official code's default (z-score mode, adaptive scaling) on mu 1, sigma 0.1, z_thr 2.5."""
+    z = ZClip(z=2.5, alpha=0.97, base_clip=0.0)
+    assert z.mode == "adaptive"
+    z.load_state_dict({"warm": [], "mean": 1.0, "var": 0.01})
+    assert z.threshold() == pytest.approx(1.25)
+    assert z.limit(1.2) is None and z.limit(1.25) is None  # z = 2 and z = 2.5: not above z_thr
+    assert z.limit(2.0) == pytest.approx(1.0625)  # z = 10: 1 + 6.25 / 10 * 0.1
+    assert z.limit(3.0) == pytest.approx(1.03125)  # z = 20: the further out, the lower the clip
+    assert z.clip() == 0.0  # DeepSpeed gets trainer.grad_clip (0: none); ZClip acts in the step
+    # the factor that takes the gradients DeepSpeed hands the optimizer (norm g) to the clip
+    assert float(z.factor(torch.tensor(2.0))) == pytest.approx(1.0625 / 2.0)
+    assert float(z.factor(torch.tensor(1.2))) == 1.0
+    capped = ZClip(2.5, 0.97, base_clip=1.05)
+    capped.load_state_dict(z.state_dict())
+    assert capped.clip() == 1.05
+    assert float(capped.factor(torch.tensor(2.0))) == 1.0  # 1.05 < 1.0625: DeepSpeed's own clip stands
+    assert float(capped.factor(torch.tensor(3.0))) == pytest.approx(1.03125 / 1.05)
+    assert z.observe(2.0)  # clipped; the EMA takes the clipped norm
+    assert z.mean == pytest.approx(0.97 * 1.0 + 0.03 * 1.0625)
+    assert z.var == pytest.approx(0.97 * 0.01 + 0.03 * (1.0625 - 0.97 * 1.0 - 0.03 * 1.0625) ** 2)
+    assert not z.observe(1.1)
+
+
+@pytest.mark.parametrize("ds", ["zero0_fp32", "zero0_fp16", "zero2_bf16"])
+def test_adaptive_zclip_hands_the_optimizer_the_adaptive_clip_on_a_spike(ds, one_rank, tmp_path, monkeypatch):
+    """The clip depends on the spike step's own norm; the optimizer receives exactly
+    mu + z_thr^2 / z * sigma on the bare fp32 path, ZeRO-0 fp16 and ZeRO-2 bf16 (a warm-up of 8
+    steps instead of 25, to keep the test short)."""
+    monkeypatch.setattr(zclip_module, "ZCLIP_WARMUP", 8)
+    if ds == "zero0_fp32":
+        ds = ds_config(tmp_path, "zero0_bf16", bf16={"enabled": False})
+    tiny = Tiny(ds, "trainer.mitigations.zclip_z=2.5", "trainer.grad_clip=0")
+    zc, seen = tiny.plugin.zclip, applied_norms(tiny.engine)
+    calm = tiny.train(9)[-1]
+    assert calm["mitig/zclip_clipped"] == 0 and math.sqrt(seen[9]) == pytest.approx(calm["grad_norm"], rel=1e-4)
+    mu, sigma = zc.mean, math.sqrt(zc.var)
+    spike = tiny.train(1, spike_at=(10,))[0]
+    z = (spike["grad_norm"] - mu) / sigma
+    assert z > 2.5 and spike["mitig/zclip_clipped"] == 1
+    expected = mu + 2.5**2 / z * sigma
+    assert spike["mitig/zclip_clip"] == pytest.approx(expected, rel=1e-9)
+    assert spike["mitig/zclip_threshold"] == pytest.approx(mu + 2.5 * sigma, rel=1e-9)
+    assert spike["mitig/zclip_threshold"] > expected  # below the threshold mode's clip
+    assert math.sqrt(seen[10]) == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("ds", [*DS_CONFIGS, "zero0_fp32"])
@@ -266,6 +317,122 @@ def test_update_clipping_is_per_tensor_on_zero2_partitions_as_on_zero0(one_rank)
     for k in s0:
         if k.startswith("master/"):
             assert torch.allclose(s0[k], s2[k], rtol=0, atol=1e-6), k
+
+
+# ---------------------------------------------------------------------------------------------
+# Update-norm clipping
+
+UNC = ("trainer.mitigations.update_norm_clip_sigma=3", "trainer.mitigations.update_norm_clip_window=8",
+       "trainer.max_steps=40")  # fmt: skip
+
+
+def lr_spike(tiny: Tiny, factor: float = 10.0) -> None:
+    """The next step's lr times ``factor`` (the schedule sets its own again after the step): the
+    update's norm jumps ``factor``-fold, where a gradient spike (``spike_at``) barely moves Adam's."""
+    for g in client_optimizer(tiny.engine).param_groups:
+        g["lr"] *= factor
+
+
+def test_the_update_norm_window_by_hand():
+    w = UpdateNormWindow(sigma=3.0, window=4, device="cpu")
+    assert w.min_history == 4  # min(window, max(20, window / 2))
+    assert float(w.scale(torch.tensor(0.0))) == 1.0  # a zero update (lr 0, a skipped step): left out
+    for norm in (1.0, 2.0, 3.0):
+        assert float(w.scale(torch.tensor(norm))) == 1.0
+        assert math.isinf(float(w.last[1]))  # no threshold until 4 usable norms are in
+    assert float(w.scale(torch.tensor(4.0))) == 1.0
+    threshold = 2.5 + 3 * math.sqrt(1.25)  # mean + 3 * population std of 1, 2, 3, 4
+    assert float(w.scale(torch.tensor(10.0))) == pytest.approx(threshold / 10)
+    norm, t, clipped = w.last.tolist()
+    assert (norm, clipped) == (10.0, 1.0) and t == pytest.approx(threshold)
+    assert w.state_dict()["history"] == pytest.approx([2.0, 3.0, 4.0, threshold])  # the applied norm
+    again = UpdateNormWindow(3.0, 4, "cpu")
+    again.load_state_dict(w.state_dict())
+    assert again.count == w.count == 6 and float(again.threshold()) == float(w.threshold())
+
+
+def test_update_norm_clipping_scales_the_whole_update_weight_decay_included():
+    """MitigatedAdamW holds every change back until the norm of all of them is known; a scale of 1
+    is torch's AdamW, a scale of 0.5 halves each tensor's change (decay and Adam's step alike)."""
+    torch.manual_seed(0)
+    w0, grads = [torch.randn(4, 3), torch.randn(5)], [torch.randn(4, 3), torch.randn(5)]
+    seen = []
+    for scale in (1.0, 0.5):
+        ours = [w.clone().requires_grad_() for w in w0]
+        plain = [w.clone().requires_grad_() for w in w0]
+        opt = MitigatedAdamW([{"params": ours, "weight_decay": 0.1}], lr=0.1, betas=(0.9, 0.95), eps=1e-8)
+        opt.update_norm_scale = lambda n, s=scale: seen.append(float(n)) or torch.tensor(s)
+        ref = torch.optim.AdamW([{"params": plain, "weight_decay": 0.1}], lr=0.1, betas=(0.9, 0.95), eps=1e-8)
+        for p, q, g in zip(ours, plain, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        change = [(q - w).detach() for q, w in zip(plain, w0)]
+        assert seen[-1] == pytest.approx(float(torch.cat([c.flatten() for c in change]).norm()), rel=1e-6)
+        for p, w, c in zip(ours, w0, change):
+            assert torch.allclose(p.detach(), w + scale * c, rtol=1e-6, atol=1e-7)
+        assert not opt.pending
+
+
+@pytest.mark.parametrize("ds", ["zero0_fp16", "zero2_bf16"])
+def test_update_norm_clipping_applies_exactly_the_threshold_on_a_spike(ds, one_rank):
+    """An lr spike at step 10 (the window holds steps 2-9; step 1's update is 0 at lr 0): the update
+    applied to the fp32 masters has the norm mean + 3 std of the window's norms, and on ZeRO-2 the
+    module's 16-bit weights hold it too (ZeRO copies each group's partition before the last group
+    has stepped; the plug-in copies them again)."""
+    tiny = Tiny(ds, *UNC)
+    rows = tiny.train(9)
+    norms = [r["mitig/update_norm"] for r in rows[1:]]
+    assert rows[0]["mitig/update_norm"] == 0 and not any(r["mitig/update_norm_clipped"] for r in rows)
+    mean = sum(norms) / len(norms)
+    threshold = mean + 3 * math.sqrt(sum((x - mean) ** 2 for x in norms) / len(norms))
+    before = tiny.snapshot(moments=False)
+    lr_spike(tiny)
+    spike = tiny.train(1)[0]
+    after = tiny.snapshot(moments=False)
+    assert spike["mitig/update_norm_clipped"] == 1 and spike["mitig/update_norm"] > 2 * threshold
+    assert spike["mitig/update_norm_threshold"] == pytest.approx(threshold, rel=1e-5)
+    masters = [k for k in before if k.startswith("master/")]
+    applied = math.sqrt(sum(float((after[k].double() - before[k].double()).square().sum()) for k in masters))
+    assert applied == pytest.approx(threshold, rel=1e-4)
+    for k in masters:
+        module = after["module/" + k.removeprefix("master/")]
+        assert torch.equal(module, after[k].to(module.dtype)), k
+    assert tiny.train(1)[0]["mitig/update_norm_clipped"] == 0
+
+
+def test_update_norm_clipping_resumes_exactly_and_is_off_by_default(one_rank, tmp_path):
+    """The window rides in the checkpoint: a run resumed at step 5 (window not yet full) clips the
+    lr spike of step 10 as the unbroken run does. Off by default: no plug-in, torch's AdamW; ZeRO-3
+    is refused in one sentence."""
+    cfg = load_config(ROOT / "configs")
+    assert not [c for c in registry.wanted(cfg) if c.name == "update_norm_clip"]
+    assert registry.optimizer_for(cfg) is eng.adamw
+    on = load_config(ROOT / "configs", list(UNC))
+    assert [c.name for c in registry.wanted(on, registry.MITIGATIONS)] == ["update_norm_clip"]
+    path = ROOT / "ds_configs" / "zero3_bf16.json"
+    on.ds_config, _ = resolve_ds_config(read_ds_config(path), path, on, 1)
+    on.ds_config_path = str(path)
+    with pytest.raises(ConfigError, match=r"zero3_bf16.json: trainer.mitigations.update_norm_clip_sigma needs ZeRO stage 0, 1 or 2"):
+        registry.check(on)
+
+    def tail(tiny: Tiny) -> list[dict]:
+        rows = tiny.train(4)
+        lr_spike(tiny)
+        return rows + tiny.train(2)
+
+    unbroken = Tiny("zero2_bf16", *UNC)
+    unbroken.train(5)
+    state = {"plugins": unbroken.run.plugins.state_dict(), "position": unbroken.run.order.position}
+    unbroken.engine.save_checkpoint(str(tmp_path), tag="t", client_state=state)
+    rows = tail(unbroken)
+    assert [r["mitig/update_norm_clipped"] for r in rows] == [0, 0, 0, 0, 1, 0]
+    resumed = Tiny("zero2_bf16", *UNC)
+    _, client = resumed.engine.load_checkpoint(str(tmp_path), tag="t")
+    resumed.run.plugins.load_state_dict(client["plugins"])
+    resumed.run.order.position, resumed.run.step = client["position"], 5
+    assert resumed.plugin.update_norm.count == 5
+    assert tail(resumed) == rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,11 +550,12 @@ def test_softcapped_models_bound_output_logits_and_match_when_logits_are_small(a
 
 
 def test_zclip_and_skip_step_act_on_a_spike_and_a_resumed_run_acts_alike(one_rank, tmp_path):
-    """ZClip clips the spike of step 30 at its threshold (the optimizer receives exactly that norm)
+    """ZClip (threshold mode) clips the spike of step 30 at its threshold (the optimizer receives exactly that norm)
     and skip-step skips it. The plug-in's state rides in DeepSpeed's client state: a run resumed at
     step 20 (ZClip still gathering its first 25 norms) decides at steps 21-32 exactly as the run
     that never stopped."""
-    keys = ("trainer.mitigations.zclip_z=2.5", "trainer.mitigations.skip_step_sigma=6",
+    keys = ("trainer.mitigations.zclip_z=2.5", "trainer.mitigations.zclip_mode=threshold",
+            "trainer.mitigations.skip_step_sigma=6",
             "trainer.mitigations.skip_step_window=16", "trainer.max_steps=32", "trainer.grad_clip=0")  # fmt: skip
     spikes = (30, 31)
     unbroken = Tiny("zero2_bf16", *keys)
@@ -417,15 +585,18 @@ def test_two_ranks_take_the_same_decisions(tmp_path, cache_dir):
     """Skip-step judges the loss all-reduced over ranks and DeepSpeed's reduced grad norm, QK-clip
     the logit maxima all-reduced. At sigma 1 on two ranks of ZeRO-2 several steps are skipped, and
     each rank's optimizer shard counts the same applied steps (a rank judging its own loss would
-    skip others); QK-clip's collectives (the master weights of ZeRO-2 are gathered) line up."""
+    skip others); QK-clip's and update-norm clipping's collectives line up."""
     proc, run_dir = launch(
         tmp_path, cache_dir,
         "trainer.mitigations.skip_step_sigma=1", "trainer.mitigations.skip_step_window=4",
         "trainer.mitigations.qk_clip_tau=0.2", "trainer.mitigations.update_clip=true",
+        "trainer.mitigations.update_norm_clip_sigma=1", "trainer.mitigations.update_norm_clip_window=4",
         ranks=2,
     )  # fmt: skip
     assert_ok(proc)
     rows = {r["step"]: r for r in train_rows(run_dir)}
+    # update-norm clipping all-reduces its sum of squares inside each step: the ranks keep in step
+    assert all("mitig/update_norm" in r for r in rows.values())
     skipped = rows[12]["mitig/skipped_steps"]
     assert skipped == sum(rows[s]["mitig/skip_step"] for s in range(1, 13)) > 0
     assert sum(rows[s]["mitig/qk_clipped_heads"] for s in rows) > 0

@@ -112,6 +112,35 @@ def test_a_record_cut_short_by_a_kill_is_left_out_when_read_and_resumed(tmp_path
         read_jsonl(tmp_path / "torn.jsonl")
 
 
+def test_a_resume_keeps_the_events_its_checkpoint_counted_whatever_their_step(tmp_path):
+    sink = LocalSink(tmp_path)
+    sink.event({"step": 12, "kind": "loss_spike"})
+    sink.event({"step": 31, "kind": "loss_spike"})  # a rollback from step 31 to step-20
+    sink.event({"step": 31, "kind": "rollback"})
+    saved = sink.state_dict()  # the rolled-back run's checkpoint at step 30
+    sink.event({"step": 34, "kind": "loss_spike"})
+    sink.close()
+    assert saved == {"events": 3}
+    resumed = LocalSink(tmp_path)  # --resume from that checkpoint
+    assert resumed.state_dict() == {"events": 4}
+    resumed.load_state_dict(saved)
+    resumed.rewind(30, events=True)
+    assert [(e["step"], e["kind"]) for e in read_jsonl(tmp_path / "events.jsonl")] == [
+        (12, "loss_spike"),
+        (31, "loss_spike"),
+        (31, "rollback"),
+    ]
+    resumed.event({"step": 35, "kind": "overflow"})
+    assert resumed.state_dict() == {"events": 4}
+    resumed.close()
+    # a checkpoint from before the count was kept: the events past its step go, as they always did
+    old = LocalSink(tmp_path)
+    old.load_state_dict({})
+    old.rewind(30, events=True)
+    old.close()
+    assert [e["step"] for e in read_jsonl(tmp_path / "events.jsonl")] == [12]
+
+
 def test_a_build_lock_left_by_a_killed_process_never_stops_a_run(tmp_path, cache_dir):
     """torch's JIT build lock outlives a SIGKILL of its holder, and torch would wait on it forever."""
     ext = tmp_path / "ext"  # TORCH_EXTENSIONS_DIR: a copy of the op built by earlier runs, if any

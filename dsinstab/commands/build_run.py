@@ -21,6 +21,7 @@ from dsinstab.experiments.branch import Branch, BranchSource, open_branch, start
 from dsinstab.instruments import registry
 from dsinstab.reports.report import run_summary
 from dsinstab.run import loop
+from dsinstab.run.bad_data import with_bad_data
 from dsinstab.run.checkpoint import Checkpointer, data_layout, on_rank_zero
 from dsinstab.run.config import ConfigError, RunConfig, to_yaml
 from dsinstab.run.data import BatchOrder, PackedData, prepare_data
@@ -87,6 +88,9 @@ def build_parts(cfg: RunConfig, args: argparse.Namespace, rank: int, world: int,
     check_run_dir(run_dir, args.resume, args.overwrite)
     data = prepare_data(cfg.dataset, m.seq_len, u.cache_dir, log=say)
     order = BatchOrder(len(data.train), t.micro_batch_size, world, rank, t.seed)  # refuses a too-small corpus
+    data = with_bad_data(
+        data, t.inject, order, t.gradient_accumulation_steps, t.seed
+    )  # trainer.inject: repeat|random
     model = build_model(m, cfg.dataset.vocab_size, data.eos_id, t.seed)
     n_params = count_parameters(model)  # before ZeRO-3 partitions the parameters away
     engine = build_engine(model, t, cfg.ds_config, registry.optimizer_for(cfg))

@@ -10,13 +10,13 @@ import argparse
 import contextlib
 import faulthandler
 import logging
-import os
 import signal
 import sys
 import warnings
 from pathlib import Path
 
 from dsinstab.run.config import ConfigError, RunConfig, to_yaml
+from dsinstab.run.distributed import world_size_from_env
 from dsinstab.run.resolve import (
     DEFAULT_DS_CONFIG,
     ROOT,
@@ -155,7 +155,7 @@ def preflight(cfg: RunConfig, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, notes = resolve(args, int(os.environ.get("WORLD_SIZE", "1")))
+        cfg, notes = resolve(args, world_size_from_env())
         preflight(cfg, args)
         if args.dry_run:
             print(to_yaml(cfg), end="")

@@ -72,6 +72,9 @@ class Grid:
     seeds: list[int]
     variants: list[str]
     points: list[Point]
+    # the command that runs one of its points by name (`--point NAME` is added): the sweep's own
+    # unless a caller built the grid (the zoo)
+    rerun: list[str] | None = None
 
 
 def point_name(variant: str, lr: float, seed: int) -> str:
@@ -142,7 +145,12 @@ def load_grid(path: str | Path, out: str | Path | None = None) -> Grid:
         raise ConfigError(
             f"{path}: no such grid file; give a YAML file such as configs/sweeps/lr-sensitivity.yaml."
         )
-    raw = _read_yaml(path)
+    return grid_from(_read_yaml(path), path, out)
+
+
+def grid_from(raw: dict, path: Path, out: str | Path | None = None) -> Grid:
+    """A grid from its mapping (what a grid file holds; the zoo builds one per case), checked and
+    resolved as :func:`load_grid` does; errors name ``path``."""
     for key in raw:
         if key not in GRID_KEYS:
             raise ConfigError(
@@ -305,7 +313,13 @@ def train_command(point: Point, mode: str) -> list[str]:
 
 
 def _point_command(grid: Grid, which: str | None) -> str:
-    cmd = [sys.executable, str(SWEEP), str(grid.path.resolve()), "--out", str(grid.out.resolve())]
+    cmd = grid.rerun or [
+        sys.executable,
+        str(SWEEP),
+        str(grid.path.resolve()),
+        "--out",
+        str(grid.out.resolve()),
+    ]
     return shlex.join(cmd + (["--point", which] if which is not None else []))
 
 
@@ -421,7 +435,11 @@ def _run(grid: Grid, slots: list[dict], say) -> int:
                     continue
                 point, mode = todo.pop(0)
                 started += 1
-                log = open(grid.out / "logs" / f"{point.name}.log", "a")  # noqa: SIM115 - closed when it ends
+                log_path = (
+                    grid.out / "logs" / f"{point.name}.log"
+                )  # the zoo's names hold their case: case/point
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = open(log_path, "a")  # noqa: SIM115 - closed when it ends
                 proc = subprocess.Popen(
                     train_command(point, mode),
                     stdout=log,

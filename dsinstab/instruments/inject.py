@@ -1,5 +1,6 @@
-"""A deliberate fault for one step (``trainer.inject``), for trying detectors and replays: the lr
-times ``factor``, or the embedding output scaled by it.
+"""A deliberate fault of the state for one step (``trainer.inject``, kinds ``lr`` and ``embed``), for
+trying detectors and replays: the lr times ``factor``, or the embedding output scaled by it. (Bad
+data, kinds ``repeat`` and ``random``, is the corpus's: :mod:`dsinstab.run.bad_data`.)
 
 Like a bad batch, it is tied to the data position of step ``at_step`` of an unbroken run, so a
 rollback or a branch that skips those batches also skips the fault.
@@ -10,10 +11,17 @@ from __future__ import annotations
 from dsinstab.instruments.base import Context, Instrument
 from dsinstab.run.plugins import Step
 
+STATE_KINDS = ("lr", "embed")
+
 
 class InjectedFault(Instrument):
     name = "inject"
     key = "trainer.inject.at_step"
+
+    @classmethod
+    def wanted(cls, cfg) -> bool:
+        inj = cfg.trainer.inject
+        return bool(inj.at_step) and inj.kind in STATE_KINDS  # bad data is the data's (run/bad_data.py)
 
     def __init__(self, ctx: Context):
         self.cfg, self.engine, self.model = ctx.cfg.trainer, ctx.engine, ctx.model

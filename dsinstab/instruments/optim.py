@@ -1,4 +1,5 @@
-"""torch's AdamW with two mitigations inside its update: skip-step and update clipping.
+"""torch's AdamW with three mitigations inside its update: skip-step, update clipping and
+update-norm clipping.
 
 DeepSpeed's ZeRO and fp16/bf16 wrappers compute the global grad norm, unscale and clip, then call
 the client optimizer's ``step()`` on the fp32 master copies (whole tensors without ZeRO, flat
@@ -13,7 +14,15 @@ bias-corrected second moment that already includes ``g_t``; the decoupled weight
 with it (the paper's ``eta_t``). A "tensor" is a model parameter: on ZeRO's flat partitions the
 sums run per parameter fragment and are added up across ranks (:class:`Segments`).
 
-Only built when a run asks for either (``build_engine``): otherwise the engine gets torch's AdamW.
+Update-norm clipping (Levanter's ``clip_update_norm``) needs the norm of the whole update before
+any of it is applied: with :attr:`MitigatedAdamW.update_norm_scale` set, each tensor's change
+(weight decay included) is computed and kept, and once the last ``step()`` call of the engine step
+is in (:attr:`~MitigatedAdamW.update_calls`: ZeRO 1/2 make one per param group) their global norm
+(summed across ranks where ZeRO partitions them) gives one scale for all, and the changes are
+applied.
+
+Only built when a run asks for one of them (``build_engine``): otherwise the engine gets torch's
+AdamW.
 """
 
 from __future__ import annotations
@@ -47,6 +56,11 @@ class MitigatedAdamW(torch.optim.AdamW):
     skip; a skipped step leaves weights, moments and Adam's step count exactly as they were.
     ``segments``: maps a flat partition to its :class:`Segments` (ZeRO), ``None`` for whole tensors.
     After each ``step()``, :attr:`clip_stats` holds (largest per-tensor RMS, tensors scaled down).
+    ``update_norm_scale``: maps the global norm of the engine step's whole update (a 0-d device
+    tensor) to the factor every change is multiplied by; ``update_calls`` ``step()`` calls make one
+    engine step, ``update_reduce`` sums the squares across ranks (partitions), and
+    ``on_update_applied`` gets the tensors changed (a ZeRO wrapper copies them to its 16-bit
+    partitions: those of earlier calls were copied before their change was applied).
     """
 
     def __init__(
@@ -57,19 +71,58 @@ class MitigatedAdamW(torch.optim.AdamW):
         self.gate: Callable[[], torch.Tensor] | None = None
         self.segments: Callable[[torch.Tensor], Segments | None] | None = None
         self.clip_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.update_norm_scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.update_calls, self.update_reduce = 1, False
+        self.on_update_applied: Callable[[list[torch.Tensor]], None] | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its change) not yet applied
+        self.pending_calls = 0
+        self.pending_sq: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise NotImplementedError("MitigatedAdamW takes no closure")
         factor = self.gate() if self.gate is not None else None
+        keep = self.update_norm_scale is not None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._update(p, group, factor)
+                    change = self._update(p, group, factor, keep)
+                    if keep:
+                        sq = change.float().square().sum()
+                        self.pending_sq = sq if self.pending_sq is None else self.pending_sq + sq
+                        self.pending.append((p, change))
+        if keep:
+            self.pending_calls += 1
+            if self.pending_calls == self.update_calls:
+                self._apply_pending()
         return None
 
-    def _update(self, p: torch.Tensor, group: dict, factor: torch.Tensor | None) -> None:
+    def begin_update(self) -> None:
+        """Before an engine step (the update-norm plug-in calls it): nothing may be left pending."""
+        if self.pending:
+            raise RuntimeError(
+                f"MitigatedAdamW: {self.pending_calls} of {self.update_calls} step() calls of the last "
+                "engine step came: its update was never applied"
+            )
+        self.pending_calls, self.pending_sq = 0, None
+
+    def _apply_pending(self) -> None:
+        total = self.pending_sq
+        if total is None:  # no tensor had a gradient: nothing to apply
+            self.pending_calls = 0
+            return
+        if self.update_reduce:
+            dist.all_reduce(total)
+        scale = self.update_norm_scale(total.sqrt())
+        for p, change in self.pending:
+            p.add_(change * scale.to(change.dtype))
+        if self.on_update_applied is not None:
+            self.on_update_applied([p for p, _ in self.pending])
+        self.pending, self.pending_calls, self.pending_sq = [], 0, None
+
+    def _update(self, p: torch.Tensor, group: dict, factor: torch.Tensor | None, keep: bool = False):
+        """Adam's step of ``p``: applied, or with ``keep`` returned as the change it would make."""
         g, state = p.grad, self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -94,8 +147,11 @@ class MitigatedAdamW(torch.optim.AdamW):
         denom = (v.sqrt() / bc2_sqrt).add_(eps)
         if self.update_clip:
             rate = rate * self._clip_scale(p, g, v, bc2_sqrt**2, eps)
+        if keep:
+            return -(rate * wd) * p - m / bc1 / denom * rate
         p.mul_(1 - rate * wd)
         p.sub_(m / bc1 / denom * rate)
+        return None
 
     def _clip_scale(self, p, g, v, bc2, eps: float) -> torch.Tensor:
         """1 / max(1, RMS(g^2 / max(v̂, eps^2))) of each tensor: a scalar for a whole tensor, one

@@ -15,6 +15,7 @@ from dsinstab.instruments.inject import InjectedFault
 from dsinstab.instruments.mitigations.qk_clip import QKClipPlugin
 from dsinstab.instruments.mitigations.skip_step import SkipStepPlugin
 from dsinstab.instruments.mitigations.update_clip import UpdateClipPlugin
+from dsinstab.instruments.mitigations.update_norm_clip import UpdateNormClipPlugin
 from dsinstab.instruments.mitigations.zclip import ZClipPlugin
 from dsinstab.instruments.optim import MitigatedAdamW
 from dsinstab.instruments.overflow import OverflowAnatomy
@@ -31,6 +32,7 @@ MITIGATIONS: list[type[Instrument]] = [
     ZClipPlugin,  # trainer.mitigations.zclip_z
     SkipStepPlugin,  # trainer.mitigations.skip_step_sigma
     UpdateClipPlugin,  # trainer.mitigations.update_clip
+    UpdateNormClipPlugin,  # trainer.mitigations.update_norm_clip_sigma
     QKClipPlugin,  # trainer.mitigations.qk_clip_tau
 ]
 INSTRUMENTS: list[type[Instrument]] = [

@@ -74,6 +74,8 @@ def rollback(run: Run, step: int, record: dict) -> None:
         return
     policy, read = run.policy.state_dict(), run.order.position
     restore(run, run.checkpointer.load(tag))
+    # a kill from here on resumes from the state the run rolled back to, not the one it left
+    run.checkpointer.point_latest(tag)
     run.policy.load_state_dict(policy)  # the counts go on: caps hold across rollbacks
     # Skip what was read since the checkpoint, by data position: after an earlier rollback to the
     # same tag the data ran ahead of the step count, and the earlier spike's batches stay skipped.

@@ -3,7 +3,9 @@
 Tags are ``step-<N>`` (periodic) and ``spike-<N>`` (on a spike), in DeepSpeed's own format so its
 tools (``zero_to_fp32.py``) work on them. A tag counts as complete once every rank has written it
 and a ``dsinstab.json`` marker is in it; only then does ``latest`` move to it, by an atomic rename,
-so a run killed mid-write resumes from the previous complete tag.
+so a run killed mid-write resumes from the previous complete tag. A rollback points ``latest``
+back at the tag it reloaded at once, so a run killed before its next save resumes from that state
+rather than the one the rollback abandoned.
 
 The marker records the step the tag holds, and every choice (resume, rollback target, retention)
 goes by that step, never by the name: ``spike-N`` after a failed step N holds step N-1, and a tag
@@ -36,8 +38,9 @@ TAG_RE = re.compile(r"^(step|spike)-(\d+)$")
 RANKS = "the number of ranks"  # the one entry of the data layout that is not a config key
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, text: str, tmp_suffix: str = ".tmp") -> None:
+    """``text`` into ``path`` by a rename; writers that may race give each their own ``tmp_suffix``."""
+    tmp = path.with_name(path.name + tmp_suffix)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -255,6 +258,18 @@ class Checkpointer:
         marker = {"tag": tag, "step": step, **({"data_layout": self.layout} if self.layout else {})}
         error = _attempt(lambda: write_atomic(self.dir / tag / MARKER, json.dumps(marker)), self.dir)
         return error or _attempt(lambda: write_atomic(self.dir / "latest", tag), self.dir)
+
+    def point_latest(self, tag: str) -> None:
+        """Collective: ``latest`` names ``tag`` (a rollback's target, the run's state again), by the
+        same atomic rename as :meth:`commit`; a failed write raises :class:`CheckpointWriteError`
+        on every rank."""
+        write = (lambda: write_atomic(self.dir / "latest", tag)) if self.is_writer else None
+        error = _first_error(_attempt(write, self.dir) if write else None)
+        if error:
+            raise CheckpointWriteError(
+                f"latest could not be pointed at {tag} ({error}); it may still name a checkpoint "
+                "the run rolled back from."
+            )
 
     def pin(self, tag: str) -> None:
         """Keep ``tag`` out of retention (the pre-spike state a study needs)."""

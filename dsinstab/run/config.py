@@ -65,10 +65,13 @@ class InjectConfig:
     at_step: int = param(0, "inject a fault at this optimizer step (0 = never)", ge=0)
     kind: str = param(
         "lr",
-        "lr: multiply the learning rate; embed: scale the embedding output",
-        choices=("lr", "embed"),
+        "a fault of the state, for one step (lr: multiply the learning rate; embed: scale the embedding "
+        "output), or bad data in the corpus itself, in the blocks of `steps` steps (repeat: one token "
+        "repeated; random: uniformly random tokens)",
+        choices=("lr", "embed", "repeat", "random"),
     )
-    factor: float = param(1000.0, "the multiplier applied for that one step", gt=0)
+    factor: float = param(1000.0, "lr, embed: the multiplier applied for that one step", gt=0)
+    steps: int = param(1, "repeat, random: the steps from at_step on whose blocks are bad", ge=1)
 
 
 @dataclass
@@ -96,10 +99,15 @@ class OverflowConfig:
 class MitigationsConfig:
     zclip_z: float = param(
         0.0,
-        "ZClip: clip the grad norm at the EMA mean + zclip_z * EMA std of earlier norms (0 = off; 2.5 in the paper)",
+        "ZClip: clip a grad norm more than zclip_z EMA std above the EMA mean of earlier norms (0 = off; 2.5 in the paper)",
         ge=0,
     )
     zclip_alpha: float = param(0.97, "ZClip: EMA smoothing of the grad norm's mean and variance", gt=0, le=1)
+    zclip_mode: str = param(
+        "adaptive",
+        "ZClip: adaptive: a norm with z-score z > zclip_z is clipped to mean + zclip_z^2 / z * std (the paper's default); threshold: clipped at mean + zclip_z * std",
+        choices=("adaptive", "threshold"),
+    )
     skip_step_sigma: float = param(
         0.0,
         "skip an update whose loss or grad norm is this many std above the mean of the window (0 = off; 6 in OLMo-core)",
@@ -107,6 +115,14 @@ class MitigationsConfig:
     )
     skip_step_window: int = param(128, "skip-step: the steps in its rolling mean and std", ge=2)
     update_clip: bool = param(False, "StableAdamW: scale each tensor's step by 1 / max(1, RMS(g^2 / v))")
+    update_norm_clip_sigma: float = param(
+        0.0,
+        "clip the norm of the whole update (weight decay included) at the mean + this many std of the last update_norm_clip_window update norms (0 = off; 3 in Levanter)",
+        ge=0,
+    )
+    update_norm_clip_window: int = param(
+        128, "update-norm clipping: the steps in its rolling mean and std", ge=2
+    )
     qk_clip_tau: float = param(
         0.0,
         "QK-clip: after a step, rescale the query/key weights of each head whose max attention logit passed this (0 = off; 100 in Kimi K2)",
@@ -133,7 +149,7 @@ class TrainerConfig:
     adam_beta1: float = param(0.9, "AdamW beta1", ge=0, le=1)
     adam_beta2: float = param(0.95, "AdamW beta2", ge=0, le=1)
     adam_eps: float = param(1e-8, "AdamW epsilon", gt=0)
-    z_loss: float = param(0.0, "weight of the z-loss term z_loss * log(Z)^2 (0 = off)", ge=0)
+    z_loss: float = param(0.0, "weight of the z-loss term z_loss * mean((log Z)^2) (0 = off)", ge=0)
     log_every: int = param(1, "write train/* metrics every this many steps", ge=1)
     eval_every: int = param(100, "evaluate on the validation blocks every this many steps", ge=1)
     eval_batches: int = param(8, "micro batches per rank in one evaluation", ge=1)

@@ -10,10 +10,12 @@ import json
 import math
 import resource
 import signal
+import sys
 import time
 
 import deepspeed.comm as dist
 import torch
+from deepspeed.runtime.fp16.loss_scaler import MIN_LOSS_SCALE
 from tqdm import tqdm
 
 from dsinstab.run import engine as eng
@@ -23,7 +25,7 @@ from dsinstab.run.checkpoint import CheckpointWriteError, write_atomic
 from dsinstab.run.model import lm_loss
 from dsinstab.run.plugins import Readings, Step
 from dsinstab.run.state import Run, save
-from dsinstab.run.status import RunEnd
+from dsinstab.run.status import RunEnd, read_status
 
 # families every step has, written on logging steps; any other metric a plug-in reports (a probe's
 # reading, a mitigation acting) makes its step a logging step
@@ -66,12 +68,33 @@ def train_step(run: Run, step: Step, ctx) -> None:
 
 
 def step_engine(engine) -> None:
+    """``engine.step()``; :class:`LossScaleAtMinimum` where an overflow meets a loss scale that can
+    go no lower. DeepSpeed's ZeRO 1-3 optimizers raise there; ZeRO-0's clamps the scale at its
+    minimum and skips every step from then on, so its end is detected from the same condition."""
+    floor = at_loss_scale_floor(engine)  # read before the step: an overflow changes the scaler
     try:
         engine.step()
     except Exception as e:
         if "loss scale already at minimum" in str(e):
             raise LossScaleAtMinimum(str(e)) from None
         raise
+    if floor is not None and eng.overflowed(engine):
+        raise LossScaleAtMinimum(
+            f"Current loss scale already at minimum ({floor:g}) - cannot decrease scale anymore."
+        )
+
+
+def at_loss_scale_floor(engine) -> float | None:
+    """The scale, where an overflow in the coming ``engine.step()`` is the end: a dynamic fp16 scale
+    already at the ds_config's ``min_loss_scale``, with no hysteresis left to spend (the condition
+    DeepSpeed's ZeRO optimizers raise on), at an accumulation boundary; ``None`` otherwise."""
+    if not (engine.fp16_enabled() and engine.dynamic_loss_scale()):
+        return None
+    if not engine.is_gradient_accumulation_boundary():
+        return None
+    scale, left = eng.loss_scale(engine), eng.hysteresis_left(engine)
+    minimum = engine.dynamic_loss_scale_args()[MIN_LOSS_SCALE]
+    return scale if scale <= minimum and (left is None or left <= 1) else None
 
 
 def advance(run: Run, ctx) -> tuple[Step, dict, bool]:
@@ -122,6 +145,8 @@ def train(run: Run) -> int:
     """
     previous = install_signal_handlers(run)
     try:
+        if run.world > 1:  # rank 0 has written this segment's "running": a failure from here on stays
+            dist.barrier()
         return _train(run)
     except CheckpointWriteError as e:
         run.sink.event({"step": run.step, "kind": "checkpoint_failed", "action": "stop", "message": str(e)})
@@ -143,8 +168,18 @@ def _train(run: Run) -> int:
     ctx = lowp.compute_context(run.engine, run.cfg.utils.cpu_compute, log=run.say)
     run.plugins.bind(run)
     last = run.plugins.last_step(t.max_steps)  # a branch may end before the schedule does
-    tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * run.world * run.cfg.model.seq_len
     bar = progress_bar(run, last)
+    try:
+        end = _steps(run, ctx, last, bar)
+    finally:  # every way out, an exception's too: the bar's last frame, and no bar left behind
+        bar.close()
+    return finish(run, end)
+
+
+def _steps(run: Run, ctx, last: int, bar) -> RunEnd:
+    """The steps from ``run.step`` to ``last``; how the run ends."""
+    t = run.cfg.trainer
+    tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * run.world * run.cfg.model.seq_len
     window_time, window_tokens = 0.0, 0
     if run.step == 0:
         log_eval(run, ctx)
@@ -153,8 +188,7 @@ def _train(run: Run) -> int:
         try:
             step, metrics, stop = advance(run, ctx)
         except LossScaleAtMinimum as e:
-            bar.close()
-            return finish(run, on_min_loss_scale(run, run.step + 1, str(e)))
+            return on_min_loss_scale(run, run.step + 1, str(e))
         window_time += time.perf_counter() - t0
         window_tokens += tokens_per_step
         n = step.number
@@ -164,17 +198,16 @@ def _train(run: Run) -> int:
             metrics["train/tokens_per_s"] = window_tokens / max(window_time, 1e-9)
             run.sink.log(n, metrics)
             window_time, window_tokens = 0.0, 0
-        bar.update(1)
         scale = step.loss_scale
         bar.set_postfix(loss=f"{step.loss:.3f}", **({"scale": f"{scale:g}"} if scale is not None else {}))
+        bar.update(1)
         if n % t.eval_every == 0 or n == last:
             log_eval(run, ctx)
         firings = run.plugins.firings(step)
         if firings:
             end = on_firings(run, step, firings)
             if end is not None:
-                bar.close()
-                return finish(run, end)
+                return end
         rolled_back = run.step != n  # the state is a checkpoint's again: nothing new to save
         periodic = bool(t.checkpoint_every) and n % t.checkpoint_every == 0
         if (periodic or stop) and not rolled_back:
@@ -185,9 +218,8 @@ def _train(run: Run) -> int:
                 f"interrupted: {'rolled back to a checkpoint' if rolled_back else f'saved step-{n}'}; "
                 "continue with --resume latest"
             )
-            return finish(run, RunEnd.interrupted)
-    bar.close()
-    return finish(run, RunEnd.finished)
+            return RunEnd.interrupted
+    return RunEnd.finished
 
 
 def precision_metrics(engine, scale: float | None) -> dict:
@@ -249,9 +281,52 @@ def install_signal_handlers(run: Run) -> dict:
     return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
+PROGRESS_EVERY_S = 20.0  # without a terminal: a progress line this often (and one at the end)
+
+
 def progress_bar(run: Run, last: int):
-    disable = run.rank != 0 or not run.cfg.utils.progress_bar
-    return tqdm(total=last, initial=run.step, disable=disable, dynamic_ncols=True, mininterval=1.0)
+    """tqdm's bar on rank 0 where stderr is a terminal; where it is not (a log file, a sweep's log,
+    CI) a :class:`ProgressLines`, so the log gets plain lines instead of ``\r``-joined frames."""
+    if run.rank != 0 or not run.cfg.utils.progress_bar:
+        return tqdm(total=last, initial=run.step, disable=True)
+    if not sys.stderr.isatty():
+        return ProgressLines(last, run.step)
+    return tqdm(total=last, initial=run.step, dynamic_ncols=True, mininterval=1.0)
+
+
+class ProgressLines:
+    """The bar's calls (``set_postfix``, ``update``, ``close``) as one plain line on stderr every
+    ``every`` seconds and one when it closes: ``step 40/400 (10%)  3.2 steps/s  loss=4.123``."""
+
+    def __init__(self, total: int, initial: int, every: float = PROGRESS_EVERY_S, file=None, clock=None):
+        self.total, self.n, self.every = total, initial, every
+        self.file, self.clock = file, clock or time.monotonic
+        self.start_n, self.start = initial, self.clock()
+        self.last_line, self.shown, self.postfix = self.start, initial, {}
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.clock() - self.last_line >= self.every:
+            self._line()
+
+    def close(self) -> None:
+        if self.n != self.shown:
+            self._line()
+
+    def _line(self) -> None:
+        now = self.clock()
+        rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
+        pct = f" ({100 * self.n // self.total}%)" if self.total else ""
+        extra = "".join(f"  {k}={v}" for k, v in self.postfix.items())
+        print(
+            f"step {self.n}/{self.total}{pct}  {rate:.3g} steps/s{extra}",
+            file=self.file or sys.stderr,
+            flush=True,
+        )
+        self.last_line, self.shown = now, self.n
 
 
 def finish(run: Run, end: RunEnd) -> int:
@@ -260,14 +335,34 @@ def finish(run: Run, end: RunEnd) -> int:
 
 
 def write_status(run: Run, end: RunEnd, message: str | None = None) -> None:
+    """``status.json``. Rank 0 writes every state; any other rank writes one only when it fails (a
+    rank that fails alone leaves the others waiting in a collective until the launcher kills them:
+    rank 0 would never say so). A failure another rank recorded in this segment is never written
+    over, by rank 0's end or a later failure: the first failure is the cause, and a run where any
+    rank failed reads as failed. (Rank 0 writes "running" as the segment starts, before any rank
+    trains: that one replaces whatever an earlier segment left.)"""
+    failed = end is RunEnd.failed
+    if run.rank != 0 and not failed:
+        return
+    if end is not RunEnd.running:
+        current = read_status(run.run_dir)
+        if current.get("state") == RunEnd.failed.name and current.get("rank", 0) != run.rank:
+            return
+    if failed and run.world > 1 and message:
+        message = f"rank {run.rank}: {message}"
+    status = {
+        "state": end.name,
+        "step": run.step,
+        "exit_code": end.code,
+        "tokens_seen": run.tokens_seen,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        **({"rank": run.rank} if failed and run.world > 1 else {}),
+    }
+    text = json.dumps(status | ({"message": message} if message else {}))
     if run.rank == 0:
-        status = {
-            "state": end.name,
-            "step": run.step,
-            "exit_code": end.code,
-            "tokens_seen": run.tokens_seen,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        }
-        write_atomic(
-            run.run_dir / "status.json", json.dumps(status | ({"message": message} if message else {}))
-        )
+        write_atomic(run.run_dir / "status.json", text)
+        return
+    try:  # another rank's run directory may be a copy that does not exist on its node
+        write_atomic(run.run_dir / "status.json", text, tmp_suffix=f".tmp-rank{run.rank}")
+    except OSError:
+        pass

@@ -3,7 +3,9 @@
 DeepSpeed saves the model, the optimizer, the schedule and the loss scaler; this is the rest that
 makes a resumed run continue exactly as the unbroken one: the step, the data position, every
 plug-in's state (the spike monitor's included), the action policy's counts, the recent history that
-event records quote, and the RNG states.
+event records quote, the RNG states, and how many events the run had written (a resume keeps those
+and forgets the rest, whatever their step: a rollback's events carry the spike's step, later than
+the checkpoint that follows it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dsinstab.run.checkpoint import Checkpointer
+from dsinstab.run.checkpoint import Checkpointer, on_rank_zero
 from dsinstab.run.config import RunConfig
 from dsinstab.run.data import BatchOrder, PackedData
 from dsinstab.run.plugins import Plugins
@@ -60,7 +62,9 @@ EVENT_KEY = "dsinstab_event"  # the event record a spike checkpoint was saved fo
 
 
 def client_state(run: Run) -> dict:
+    """Collective (the sink's count is rank 0's, where the real sink is: every rank saves the same)."""
     return {
+        "sink": on_rank_zero(run.sink.state_dict),
         "step": run.step,
         "tokens_seen": run.tokens_seen,
         "batch_order": run.order.state_dict(),
@@ -84,6 +88,7 @@ def restore(run: Run, client: dict) -> None:
     run.plugins.load_state_dict(plugins)
     run.history.clear()
     run.history.extend(state["history"])
+    run.sink.load_state_dict(state.get("sink", {}))  # a resume's rewind keeps the events it counted
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
 

@@ -72,14 +72,15 @@ class JsonlFile:
         self.file.close()
 
 
-def truncate_after(path: Path, step: int, spill: Path | None = None) -> None:
+def truncate_after(path: Path, step: int, spill: Path | None = None, keep: int | None = None) -> None:
     """Drop the records past ``step`` (logged after the checkpoint a run resumes from), atomically;
-    with ``spill``, append the dropped ones there instead of losing them."""
+    with ``keep``, every record after the first ``keep`` instead, whatever its step. With ``spill``,
+    append the dropped ones there instead of losing them."""
     if not path.exists():
         return
     kept, dropped = [], []
-    for ln, rec in _lines(path):
-        (kept if rec.get("step", 0) <= step else dropped).append(ln)
+    for i, (ln, rec) in enumerate(_lines(path)):
+        (kept if (i < keep if keep is not None else rec.get("step", 0) <= step) else dropped).append(ln)
     if spill is not None and dropped:
         with open(spill, "a") as f:
             f.write("".join(ln + "\n" for ln in dropped))
@@ -89,9 +90,16 @@ def truncate_after(path: Path, step: int, spill: Path | None = None) -> None:
 
 
 class NullSink:
+    """No output. A sink's checkpointed state (``state_dict``) is how many events it had written,
+    so that a resume forgets exactly the events written after its checkpoint was saved."""
+
     def log(self, step: int, metrics: dict) -> None: ...
     def event(self, record: dict) -> None: ...
     def rewind(self, step: int, events: bool, spill: Path | None = None) -> None: ...
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
     def close(self) -> None: ...
 
 
@@ -101,21 +109,38 @@ class LocalSink(NullSink):
     def __init__(self, run_dir: Path):
         self.metrics = JsonlFile(run_dir / "metrics.jsonl")
         self.events = JsonlFile(run_dir / "events.jsonl")
+        self.events_written = len(_lines(self.events.path))
+        self.restored_events: int | None = None  # how many the restored checkpoint's state counted
 
     def log(self, step: int, metrics: dict) -> None:
         self.metrics.write({"step": step, "time": round(time.time(), 3), **metrics})
 
     def event(self, record: dict) -> None:
         self.events.write(record)
+        self.events_written += 1
+
+    def state_dict(self) -> dict:
+        return {"events": self.events_written}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The run was restored from a checkpoint whose sink state is ``state`` (``{}`` for a
+        checkpoint from before sinks had one): the next :meth:`rewind` with ``events`` keeps
+        the events it counted."""
+        self.restored_events = state.get("events")
 
     def rewind(self, step: int, events: bool, spill: Path | None = None) -> None:
-        """Forget the metrics (and with ``events``, the events) logged after ``step``: a resumed or
-        rolled-back run logs those steps again. ``spill`` keeps the forgotten metrics."""
+        """Forget the metrics logged after ``step``: a resumed or rolled-back run logs those steps
+        again; ``spill`` keeps them. With ``events``, forget the events written after the restored
+        checkpoint was saved (a rollback's own events, written at the spike's step, come before a
+        later checkpoint and stay); for a checkpoint that did not count them, those after ``step``."""
         for f, keep_all in ((self.metrics, False), (self.events, not events)):
             if not keep_all:
                 f.close()
-                truncate_after(f.path, step, spill if f is self.metrics else None)
+                keep = self.restored_events if f is self.events else None
+                truncate_after(f.path, step, spill if f is self.metrics else None, keep=keep)
                 f.file = open(f.path, "a", buffering=1)
+        self.events_written = len(_lines(self.events.path)) if self.events.path.exists() else 0
+        self.restored_events = None
 
     def close(self) -> None:
         self.metrics.close()
@@ -187,6 +212,7 @@ class WandbSink(NullSink):
         self.id_file = run_dir / "wandb_id"
         self.run = None
         self.events: list[dict] = []
+        self.restored_events: int | None = None
         self.has_run = resume and self.id_file.exists()  # a wandb run to rewind exists
         self.run_id = self.id_file.read_text().strip() if self.has_run else uuid.uuid4().hex[:12]
         if self.has_run and (run_dir / "events.jsonl").exists():
@@ -242,11 +268,19 @@ class WandbSink(NullSink):
         rows = [[json.dumps(json_safe(e.get(c))) for c in self.EVENT_COLUMNS] for e in self.events]
         self.run.summary["spike/events"] = self.wandb.Table(columns=list(self.EVENT_COLUMNS), data=rows)
 
+    def load_state_dict(self, state: dict) -> None:
+        self.restored_events = state.get("events")  # as LocalSink's: the table holds the same events
+
     def rewind(self, step: int, events: bool, spill: Path | None = None) -> None:
         """Rewind the wandb run to ``step`` (the kept events stay in the table; with ``events``,
-        those after ``step`` leave it). wandb keeps what it drops itself: ``spill`` is not used."""
+        those written after the restored checkpoint leave it, as they leave ``events.jsonl``).
+        wandb keeps what it drops itself: ``spill`` is not used."""
+        restored, self.restored_events = self.restored_events, None
         if events:
-            self.events = [e for e in self.events if e.get("step", 0) <= step]
+            if restored is not None:
+                self.events = self.events[:restored]
+            else:
+                self.events = [e for e in self.events if e.get("step", 0) <= step]
         if self.run is not None:
             self.run.finish()
         self._start(rewind_to=step)
@@ -275,6 +309,13 @@ class FanOut(NullSink):
     def rewind(self, step: int, events: bool, spill: Path | None = None) -> None:
         for s in self.sinks:
             s.rewind(step, events, spill)
+
+    def state_dict(self) -> dict:
+        return {k: v for s in self.sinks for k, v in s.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.sinks:
+            s.load_state_dict(state)
 
     def close(self) -> None:
         for s in self.sinks:
