@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -208,6 +209,64 @@ def test_local_rank_0_builds_and_the_other_ranks_reuse(tmp_path):
     assert rank0.stdout.split("blocks")[-1] == out1.split("blocks")[-1]
     meta = json.loads(next((tmp_path / "cache" / "datasets").glob("*/dsinstab.json")).read_text())
     assert meta["built_by"]["local_rank"] == 0
+
+
+# BUILD, started at the same moment in each process: each signals that its imports are done (a file
+# named by its pid in argv[3]), then waits for argv[3]/go.
+RACE = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    from pathlib import Path
+    from dsinstab.run.config import DatasetConfig
+    from dsinstab.run.data import prepare_data
+    gate = Path(sys.argv[3])
+    (gate / f"ready-{os.getpid()}").touch()
+    while not (gate / "go").exists():
+        time.sleep(0.005)
+    cfg = DatasetConfig(source="local", path=sys.argv[1], tokenizer="bytes", vocab_size=257)
+    data = prepare_data(cfg, 31, sys.argv[2], log=print, progress=False)
+    print("blocks", data.blocks("train", torch.arange(len(data.train))).sum().item())
+    """
+)
+
+
+@pytest.mark.parametrize("local_ranks", [(0, 0), (1, 0)], ids=["two-local-rank-0s", "ranks-0-and-1"])
+def test_processes_racing_on_a_cold_cache_build_it_once(tmp_path, local_ranks):
+    """Released at the same moment on an empty cache, without a process group (preparing the data
+    makes no collective call): one process builds under the lock while the other waits and then
+    reuses it, local rank 0 where there is one (two local rank 0s: two nodes on one file system)."""
+    write_corpus(tmp_path / "corpus", 6, 3000)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    cmd = [sys.executable, "-c", RACE, str(tmp_path / "corpus"), str(tmp_path / "cache"), str(gate)]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                spawn(
+                    cmd, env_={**env(), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                )
+            )
+            for r in local_ranks
+        ]
+        deadline = time.time() + 300
+        while len(list(gate.glob("ready-*"))) < len(procs):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "a process died"
+            time.sleep(0.05)
+        (gate / "go").touch()
+        outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    built = [i for i, (out, _) in enumerate(outs) if "tokenizing and packing" in out]
+    assert len(built) == 1, [out for out, _ in outs]
+    other = outs[1 - built[0]][0]
+    assert "reusing cached dataset" in other and "tokenizing and packing" not in other
+    assert outs[0][0].split("blocks")[-1] == outs[1][0].split("blocks")[-1]
+    folders = [f for f in (tmp_path / "cache" / "datasets").iterdir() if f.is_dir()]
+    assert len(folders) == 1 and not list((tmp_path / "cache").glob("**/*.tmp"))
+    meta = json.loads((folders[0] / "dsinstab.json").read_text())
+    assert meta["built_by"]["local_rank"] == 0
+    if 1 in local_ranks:
+        assert local_ranks[built[0]] == 0  # local rank 0 builds, whoever reaches the lock first
 
 
 # Prepares a corpus in a fresh process. The buffers are shrunk so that a few MB of text already fill

@@ -26,7 +26,8 @@ from conftest import TINY, assert_ok, run_cmd
 SHORT, LONG = 4, 8
 
 # Runs the train command in this process with the reads counted; prints them by caller. Measures
-# an older checkout too (its train command was dsinstab.cli.main before the layers): run it there.
+# an older checkout too (its train command was dsinstab.cli.main before the layers): run it with
+# that checkout as the working directory, so that its dsinstab is the one imported.
 COUNT = textwrap.dedent(
     """
     import collections, json, os, sys, weakref
@@ -65,10 +66,10 @@ COUNT = textwrap.dedent(
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "__format__",
                  "numpy", "cpu"):
         counting(name)
-    try:
-        from dsinstab.commands.train import main
-    except ImportError:
+    if os.path.exists(PKG + "cli.py"):  # a checkout from before the layers
         from dsinstab.cli import main
+    else:
+        from dsinstab.commands.train import main
     code = main(sys.argv[1:])
     print("SYNCS", json.dumps({"code": code, "counts": counts}))
     """

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, assert_ok, free_port, launch, launch_cmd, metrics, spawn
+from conftest import ROOT, TINY, assert_ok, free_port, launch, launch_cmd, metrics, spawn
 from dsinstab.run.checkpoint import MARKER
 
 STEPS = ("trainer.max_steps=12", "trainer.checkpoint_every=4")  # TINY evaluates at 0, 6 and 12
@@ -153,3 +153,23 @@ def test_a_checkpoint_write_failing_on_one_rank_stops_both_nodes_without_a_hang(
     ckpts = two / "checkpoints"
     assert (ckpts / "latest").read_text() == "step-8" and (ckpts / "step-8" / MARKER).exists()
     assert not (ckpts / "step-12").exists()  # rank 0 removed the partial tag
+
+
+@pytest.mark.parametrize("ds", ["zero1_bf16", "zero1_fp16", "zero2_bf16", "zero2_fp16", "zero2_fp32"])
+def test_the_shipped_zero_1_and_2_configs_overlap_the_gradient_reduction_with_the_backward(ds, one_rank):
+    """On a GPU the reduction of each gradient bucket runs on its own stream during the backward
+    (on the CPU DeepSpeed's streams are no-ops: the numbers are those of overlap_comm off)."""
+    from dsinstab.run.config import load_config
+    from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
+    from dsinstab.run.engine import build_engine
+    from dsinstab.run.model import build_model
+
+    cfg = load_config(ROOT / "configs", TINY)
+    path = ROOT / "ds_configs" / f"{ds}.json"
+    cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
+    assert cfg.ds_config["zero_optimization"]["overlap_comm"] is True
+    vocab = cfg.dataset.vocab_size
+    engine = build_engine(
+        build_model(cfg.model, vocab, vocab - 1, cfg.trainer.seed), cfg.trainer, cfg.ds_config
+    )
+    assert engine.zero_overlap_comm() and engine.optimizer.overlap_comm
