@@ -16,6 +16,7 @@ from conftest import ROOT, TINY, assert_ok, ds_config, launch, python_train, tra
 from dsinstab.instruments import registry
 from dsinstab.instruments.masters import MasterCopies
 from dsinstab.instruments.mitigations import zclip as zclip_module
+from dsinstab.instruments.mitigations.skip_step import SkipStep
 from dsinstab.instruments.mitigations.update_norm_clip import UpdateNormWindow
 from dsinstab.instruments.mitigations.zclip import ZCLIP_WARMUP, ZClip
 from dsinstab.instruments.optim import MitigatedAdamW
@@ -25,7 +26,7 @@ from dsinstab.run.config import ConfigError, ModelConfig, load_config
 from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
 from dsinstab.run.engine import client_optimizer, set_grad_clip
 from dsinstab.run.lowp import compute_context
-from dsinstab.run.model import build_model, softcapped_attention
+from dsinstab.run.model import build_model, lm_loss, softcapped_attention
 from dsinstab.run.plugins import Plugins
 
 DS_CONFIGS = sorted(p.stem for p in (ROOT / "ds_configs").glob("*.json"))
@@ -189,18 +190,21 @@ def test_adaptive_zclip_clips_to_mu_plus_z_thr_squared_over_z_sigma_by_hand():
     assert not z.observe(1.1)
 
 
-@pytest.mark.parametrize("ds", ["zero0_fp32", "zero0_fp16", "zero2_bf16"])
+@pytest.mark.parametrize("ds", ["zero0_fp32", "zero0_fp16", "zero2_bf16", "zero3_bf16"])
 def test_adaptive_zclip_hands_the_optimizer_the_adaptive_clip_on_a_spike(ds, one_rank, tmp_path, monkeypatch):
     """The clip depends on the spike step's own norm; the optimizer receives exactly
-    mu + z_thr^2 / z * sigma on the bare fp32 path, ZeRO-0 fp16 and ZeRO-2 bf16 (a warm-up of 8
-    steps instead of 25, to keep the test short)."""
+    mu + z_thr^2 / z * sigma on the bare fp32 path, ZeRO-0 fp16, ZeRO-2 and ZeRO-3 bf16 (ZeRO 1-3
+    call the optimizer once per group or sub-group: one factor for all). A warm-up of 8 steps
+    instead of 25 keeps the test short."""
     monkeypatch.setattr(zclip_module, "ZCLIP_WARMUP", 8)
     if ds == "zero0_fp32":
         ds = ds_config(tmp_path, "zero0_bf16", bf16={"enabled": False})
     tiny = Tiny(ds, "trainer.mitigations.zclip_z=2.5", "trainer.grad_clip=0")
     zc, seen = tiny.plugin.zclip, applied_norms(tiny.engine)
     calm = tiny.train(9)[-1]
-    assert calm["mitig/zclip_clipped"] == 0 and math.sqrt(seen[9]) == pytest.approx(calm["grad_norm"], rel=1e-4)
+    assert calm["mitig/zclip_clipped"] == 0 and math.sqrt(seen[9]) == pytest.approx(
+        calm["grad_norm"], rel=1e-4
+    )
     mu, sigma = zc.mean, math.sqrt(zc.var)
     spike = tiny.train(1, spike_at=(10,))[0]
     z = (spike["grad_norm"] - mu) / sigma
@@ -233,6 +237,21 @@ def test_the_clip_set_before_the_step_is_the_one_applied_and_the_gate_sees_the_n
 
 # ---------------------------------------------------------------------------------------------
 # Skip-step
+
+
+def test_skip_step_judges_one_sided_after_its_minimum_history_without_non_finite_values():
+    """OLMo-core's comparison, (x - mean) <= sigma * std: a value far below the mean applies."""
+    assert [SkipStep(6, w, "cpu").min_history for w in (4, 16, 32, 128)] == [4, 16, 20, 64]
+    skip = SkipStep(sigma=3.0, window=4, device="cpu")
+    one = torch.tensor(1.0)
+    for loss in (1.0, 1.1, 0.9, math.nan):  # nan: left out of the mean and std
+        assert float(skip.judge(torch.tensor(loss), one)) == 1.0  # not judged before 4 values
+    assert float(skip.judge(torch.tensor(-100.0), one)) == 1.0  # far below: applied
+    skip = SkipStep(sigma=3.0, window=4, device="cpu")
+    for loss in (1.0, 1.1, 0.9, math.nan):
+        skip.judge(torch.tensor(loss), one)
+    assert float(skip.judge(torch.tensor(1.4), one)) == 0.0  # mean 1, std 0.1: 4 std above
+    assert float(skip.judge(torch.tensor(1.0), torch.tensor(-50.0))) == 1.0  # the grad norm alike
 
 
 @pytest.mark.parametrize("ds", ["zero0_fp16", "zero2_bf16"])
@@ -413,7 +432,10 @@ def test_update_norm_clipping_resumes_exactly_and_is_off_by_default(one_rank, tm
     path = ROOT / "ds_configs" / "zero3_bf16.json"
     on.ds_config, _ = resolve_ds_config(read_ds_config(path), path, on, 1)
     on.ds_config_path = str(path)
-    with pytest.raises(ConfigError, match=r"zero3_bf16.json: trainer.mitigations.update_norm_clip_sigma needs ZeRO stage 0, 1 or 2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"zero3_bf16.json: trainer.mitigations.update_norm_clip_sigma needs ZeRO stage 0, 1 or 2",
+    ):
         registry.check(on)
 
     def tail(tiny: Tiny) -> list[dict]:
@@ -507,6 +529,14 @@ def test_qk_clip_is_refused_where_it_cannot_act(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Soft-capping
+
+
+def test_the_z_loss_is_the_mean_of_the_squared_log_z_palm_s_form():
+    """lm_loss adds z_loss * mean((log Z)^2), not z_loss * mean(log Z)^2: log Z of 1 and 3 give 5, not 4."""
+    logits = torch.stack([torch.tensor([1.0, 1.0]) - math.log(2.0), torch.tensor([3.0, 3.0]) - math.log(2.0)])
+    loss, parts = lm_loss(logits[None], torch.tensor([[0, 1]]), z_loss=0.1)
+    assert float(parts["z_loss"]) == pytest.approx(0.1 * (1.0 + 9.0) / 2)
+    assert float(loss) == pytest.approx(float(parts["ce"]) + 0.5)
 
 
 def test_attention_softcap_bounds_the_logits_and_is_identity_for_small_ones():

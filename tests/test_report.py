@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import html
 import itertools
+import json
 import math
 import re
 import shlex
@@ -98,6 +100,55 @@ def _run(steps: dict, events: list[dict], status: dict) -> RunData:
     metrics = [{"step": s, **m} for s, m in steps.items()]
     config = {"ds_config": {"fp16": {"enabled": True, "min_loss_scale": 1}}}
     return RunData("r", ROOT, config, metrics, events, status)
+
+
+def made_up_run(root, name: str, spikes: dict):
+    """A run directory of 5 logged steps whose last one has both spike scores."""
+    run = root / name
+    run.mkdir(parents=True)
+    config = {"ds_config": {"bf16": {"enabled": True}}, "trainer": {"spikes": spikes}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = [
+        {"step": s, "train/loss": 6.0 - 0.1 * s, "train/grad_norm": 1.0, "train/overflow": 0}
+        for s in range(1, 6)
+    ]
+    rows[-1] |= {"spike/score_loss": 0.25, "spike/score_grad_norm": 0.5}
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows + [{"step": 5, "eval/loss": 5.4}])
+    )
+    (run / "status.json").write_text(json.dumps({"state": "finished", "step": 5}))
+    return run
+
+
+@pytest.mark.parametrize(
+    "spikes, header",
+    [
+        ([{"score_window": 20}, {"score_window": 20, "score_sigma": 7.0}], "window 20"),
+        ([{"score_window": 1000, "score_sigma": 7.0}], "OLMo 2's, window 1000"),
+        ([{"score_window": 1000, "score_sigma": 5.0}], "window 1000, 5 sigma"),
+        ([{"score_window": 20}, {"score_window": 1000, "score_sigma": 7.0}], None),  # in each cell
+    ],
+)
+def test_the_report_names_each_spike_score_by_its_window(tmp_path, spikes, header):
+    from dsinstab.reports.report import write_report
+
+    runs = [made_up_run(tmp_path, f"r{i}", s) for i, s in enumerate(spikes)]
+    out, _ = write_report(runs, tmp_path / "rep")
+    md = (out / "report.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| run |"))
+    columns = [c.strip() for c in head.strip("|").split("|")]
+    assert "OLMo 2" not in head or header == "OLMo 2's, window 1000"
+    if header is not None:
+        assert columns[COLUMNS.index("spike score loss")] == f"spike score loss ({header})"
+        assert columns[COLUMNS.index("spike score grad")] == f"spike score grad ({header})"
+        assert all(cell(md, r.name, "spike score loss") == "0.25" for r in runs)
+    else:
+        assert columns == COLUMNS
+        assert cell(md, "r0", "spike score loss") == "0.25 (window 20)"
+        assert cell(md, "r1", "spike score grad") == "0.5 (OLMo 2's, window 1000)"
+    if header is not None:
+        page = (out / "report.html").read_text()
+        assert f"<th>{html.escape(f'spike score loss ({header})')}</th>" in page
 
 
 def test_a_nonfinite_event_is_drawn_on_the_top_edge_and_every_firing_counts():

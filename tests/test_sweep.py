@@ -197,6 +197,36 @@ def test_lr_sensitivity_and_divergence_from_run_directories(tmp_path):
     assert page.count("data:image/png;base64,") == len(list(out.glob("*.png")))
 
 
+@pytest.mark.parametrize("b_window, header", [(20, "spike_score (window 20)"), (1000, "spike_score")])
+def test_the_sweep_report_names_the_spike_score_by_its_window(tmp_path, b_window, header):
+    """The quick grids score over 20 steps, not OLMo 2's 1000: the header says so where every point
+    shares one window, each cell where they differ; OLMo 2's name only with its window."""
+    grid = sweep.load_grid(
+        write_grid(
+            tmp_path,
+            tmp_path / "cache",
+            lrs=[1.0e-3],
+            set=[*TINY, f"utils.cache_dir={tmp_path / 'cache'}", "trainer.spikes.score_window=20"],
+            variants={"a": {}, "b": {"set": [f"trainer.spikes.score_window={b_window}"]}},
+        ),
+        tmp_path / "sweep",
+    )
+    for p in grid.points:
+        fake_run(
+            p.run_dir, {"bf16": {"enabled": True}}, 8.0, 5.0, "finished", 10, **{"spike/score_loss": 0.1}
+        )
+    md = (write_sweep_report(grid) / "report.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| name |"))
+    columns = [c.strip() for c in head.strip("|").split("|")]
+    assert columns[11] == header and "OLMo 2" not in head
+    points = {r[0]: r for r in table(md, "name")}
+    if b_window == 20:
+        assert points["a-lr0.001-s0"][11] == points["b-lr0.001-s0"][11] == "0.1"
+    else:
+        assert points["a-lr0.001-s0"][11] == "0.1 (window 20)"
+        assert points["b-lr0.001-s0"][11] == "0.1 (OLMo 2's, window 1000)"
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` still runs (an exited child of a dead parent may linger as a zombie)."""
     try:

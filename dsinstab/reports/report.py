@@ -34,6 +34,7 @@ from dsinstab.reports.render import (  # noqa: E402
     save_figure,
 )
 from dsinstab.reports.run_data import COLORS, RunData, ending, load_run  # noqa: E402
+from dsinstab.reports.spike_score import name_scores, run_label  # noqa: E402
 from dsinstab.run.config import ConfigError  # noqa: E402
 from dsinstab.run.tracking import read_jsonl  # noqa: E402
 
@@ -334,8 +335,10 @@ def write_report(paths: list[str | Path], out: str | Path | None = None) -> tupl
     story = [describe(r, row) for r, row in zip(runs, rows)]
     overflows = overflow_section(runs, out)
     guide = _guide_link(out)
-    (out / "report.md").write_text(_markdown(rows, story, notes, plots, guide, overflows))
-    (out / "report.html").write_text(_html(rows, story, notes, plots, guide, overflows))
+    labels = [run_label(r.config) for r in runs]  # the spike scores' windows, in their headers or cells
+    shown = name_scores(COLUMNS, rows, labels, ("spike score loss", "spike score grad"))
+    (out / "report.md").write_text(_markdown(shown, story, notes, plots, guide, overflows))
+    (out / "report.html").write_text(_html(shown, story, notes, plots, guide, overflows))
     return out, notes
 
 
@@ -383,11 +386,11 @@ OVERFLOW_INTRO = (
 )
 
 
-def _markdown(rows, story, notes, plots, guide, overflows) -> str:
+def _markdown(table, story, notes, plots, guide, overflows) -> str:
     lines = ["# dsinstab comparison", "", f"How to read this report: [{GUIDE.name}]({guide})", ""]
     lines += [f"- {s}" for s in story] + [""]
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
-    lines += [markdown_table(COLUMNS, rows)]
+    lines += [markdown_table(*table)]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     if overflows:
         table, plot = overflows
@@ -403,12 +406,12 @@ def _markdown(rows, story, notes, plots, guide, overflows) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html(rows, story, notes, plots, guide, overflows) -> str:
+def _html(table, story, notes, plots, guide, overflows) -> str:
     items = "".join(f"<li>{html.escape(s)}</li>" for s in story)
     warn = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
     body = (
         f'<p>How to read this report: <a href="{html.escape(guide)}">{GUIDE.name}</a></p><ul>{items}</ul>{warn}'
-        + html_table(COLUMNS, rows)
+        + html_table(*table)
         + "".join(html_figure(p) for p in plots)
     )
     if overflows:

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from dsinstab.experiments.sweep import Grid, Point  # noqa: E402
 from dsinstab.reports.render import fmt, html_figure, html_page, html_table, markdown_table, save_figure  # noqa: E402
 from dsinstab.reports.run_data import COLORS, ending, load_run  # noqa: E402
+from dsinstab.reports.spike_score import name_scores, score_label  # noqa: E402
 from dsinstab.run.config import ConfigError  # noqa: E402
 
 LR_RANGE = (3e-4, 3e-1)  # Wortsman et al. 2023's [a, b]
@@ -282,6 +283,11 @@ def write_sweep_report(grid: Grid, out: str | Path | None = None) -> Path:
     results = [point_result(p) for p in grid.points]
     vrows = variant_rows(results, grid.variants, grid.seeds)
     prows = [asdict(r) | {"state": ending(r.state, r.state or "not run")} for r in results]
+    # the spike score is named by its window (OLMo 2's only at 1000): in the header, or in each cell
+    spikes = [p.cfg.trainer.spikes for p in grid.points]
+    labels = [score_label(s.score_window, s.score_sigma) for s in spikes]
+    pcols, prows = name_scores(POINT_COLUMNS, prows, labels, ("spike_score",), cell=_fmt)
+    label = labels[0] if len(set(labels)) == 1 else "windows differ"
     V = grid.variants
     plots = [
         plot_vs_lr(
@@ -315,8 +321,8 @@ def write_sweep_report(grid: Grid, out: str | Path | None = None) -> Path:
             results,
             V,
             lambda r: r.spike_score,
-            "spike score (loss), end of run",
-            "OLMo 2 spike score against learning rate",
+            f"spike score (loss, {label}), end of run",
+            f"Spike score ({label}) against learning rate",
             out / "spike_score_vs_lr.png",
         ),
         plot_vs_lr(
@@ -331,11 +337,11 @@ def write_sweep_report(grid: Grid, out: str | Path | None = None) -> Path:
     plots = [p for p in plots if p is not None]
     notes = _notes(results)
     title = f"dsinstab sweep: {grid.name}"
-    (out / "report.md").write_text(_markdown(title, vrows, prows, notes, plots))
-    (out / "report.html").write_text(_html(title, vrows, prows, notes, plots))
+    (out / "report.md").write_text(_markdown(title, vrows, (pcols, prows), notes, plots))
+    (out / "report.html").write_text(_html(title, vrows, (pcols, prows), notes, plots))
     cfg = grid.points[0].cfg.utils
     if cfg.report_to == "wandb":
-        log_to_wandb(out, vrows, prows, cfg.wandb_project, f"{grid.name}-report", grid.name)
+        log_to_wandb(out, vrows, (pcols, prows), cfg.wandb_project, f"{grid.name}-report", grid.name)
     return out
 
 
@@ -377,28 +383,27 @@ def _fmt(v, digits: int = 4) -> str:
     return fmt(v, digits)
 
 
-def _markdown(title, vrows, prows, notes, plots) -> str:
+def _markdown(title, vrows, points, notes, plots) -> str:
     lines = [f"# {title}", "", DEFINITIONS, ""] + [f"> {n}" for n in notes] + ([""] if notes else [])
     lines += [
         markdown_table(VARIANT_COLUMNS, vrows, cell=_fmt),
-        markdown_table(POINT_COLUMNS, prows, cell=_fmt),
+        markdown_table(*points, cell=_fmt),
     ]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
-def _html(title, vrows, prows, notes, plots) -> str:
+def _html(title, vrows, points, notes, plots) -> str:
     warn = "".join(f"<p class=note>{html.escape(n)}</p>" for n in notes)
     body = (
         f"<p>{html.escape(DEFINITIONS)}</p>{warn}"
         f"<h2>Per variant</h2>{html_table(VARIANT_COLUMNS, vrows, cell=_fmt)}"
-        f"<h2>Per point</h2>{html_table(POINT_COLUMNS, prows, cell=_fmt)}"
-        + "".join(html_figure(p) for p in plots)
+        f"<h2>Per point</h2>{html_table(*points, cell=_fmt)}" + "".join(html_figure(p) for p in plots)
     )
     return html_page(title, body, width=1200)
 
 
-def log_to_wandb(out: Path, vrows, prows, project: str, name: str, group: str) -> None:
+def log_to_wandb(out: Path, vrows, points, project: str, name: str, group: str) -> None:
     """The two tables, the plots and report.html as one wandb run in the sweep's group."""
     import wandb
 
@@ -407,5 +412,5 @@ def log_to_wandb(out: Path, vrows, prows, project: str, name: str, group: str) -
     def table(cols, rows):
         return wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
 
-    tables = {"table/variants": table(VARIANT_COLUMNS, vrows), "table/points": table(POINT_COLUMNS, prows)}
+    tables = {"table/variants": table(VARIANT_COLUMNS, vrows), "table/points": table(*points)}
     log_report(out, project, name, group, tables)

@@ -152,7 +152,7 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy in fp32, plus ``z_loss * mean(log Z)^2`` when asked (PaLM's z-loss).
+    """Cross-entropy in fp32, plus ``z_loss * mean((log Z)^2)`` when asked (PaLM's z-loss).
 
     Returns the loss to optimise and its parts, detached, for logging.
     """

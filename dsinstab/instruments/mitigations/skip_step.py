@@ -18,12 +18,15 @@ from dsinstab.run.plugins import Step, world_size
 
 
 class SkipStep:
-    """OLMo-core's rule on device tensors: judged once the history holds max(20, window/2) values
-    (at most ``window``); the history takes every judged step, skipped ones included, as there.
+    """OLMo-core's rule on device tensors: a value skips the step when ``(x - mean) > sigma * std``
+    (one-sided, as OLMo-core compares ``(latest - mean) <= sigma_factor * std``); the history takes
+    every judged step, skipped ones included, as there.
 
-    Differences from OLMo-core, on purpose: only values *above* the mean count (the issue's rule;
-    OLMo-core takes |z|), and non-finite values in the history are left out of its mean and std
-    (OLMo-core's would turn nan and skip every later step).
+    Differences from OLMo-core, on purpose: the loss judged is ``train/loss``, the cross-entropy
+    plus the z-loss (OLMo-core judges the cross-entropy alone); judging starts once the history
+    holds min(window, max(20, window/2)) values, dsinstab's own minimum; and non-finite values in
+    the history are left out of its mean and std (a nan there would otherwise poison every later
+    judgement).
     """
 
     def __init__(self, sigma: float, window: int, device):
