@@ -94,6 +94,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_then_report(grid: Grid, parallel: int | None, analyze_only: bool, report) -> int:
+    """Run the points still to do (unless ``analyze_only``), then ``report()`` and print what it
+    says; an interrupted run writes no report. The exit code is the runs' own."""
+    code = 0 if analyze_only else run_local(grid, parallel)
+    if code != EXIT_INTERRUPTED:
+        print(report())
+    return code
+
+
 def run_point(grid: Grid, which: str) -> int:
     """``--point NAME|INDEX``: the one point, decided when it starts (a scheduler may requeue it)."""
     point = _find_point(grid, which)
@@ -133,16 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
             print(f"once the points have run: python {SWEEP} {args.grid} --out {grid.out} --analyze-only")
             return 0
-        code = 0
-        if not args.analyze_only:
-            code = run_local(grid, args.parallel)
-            if code == EXIT_INTERRUPTED:
-                return code
         from dsinstab.reports.sweep_report import write_sweep_report
 
-        report = write_sweep_report(grid)
-        print(f"report: {report / 'report.html'} (and report.md, *.png)")
-        return code
+        def report() -> str:
+            return f"report: {write_sweep_report(grid) / 'report.html'} (and report.md, *.png)"
+
+        return run_then_report(grid, args.parallel, args.analyze_only, report)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

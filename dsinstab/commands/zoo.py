@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsinstab.commands.sweep import run_point
-from dsinstab.experiments.sweep import emit, run_local
+from dsinstab.commands.sweep import run_point, run_then_report
+from dsinstab.experiments.sweep import emit
 from dsinstab.experiments.zoo import ZOO, load_zoo
 from dsinstab.reports.zoo_report import write_scoreboard
 from dsinstab.run.config import ConfigError
 from dsinstab.run.resolve import find_path
-from dsinstab.run.status import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from dsinstab.run.status import EXIT_BAD_INPUT
 
 EXAMPLES = """\
 examples:
@@ -83,14 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.emit:
             print(f"wrote {emit(zoo.grid, args.emit, args.parallel)}")
             return 0
-        code = 0
-        if not args.analyze_only:
-            code = run_local(zoo.grid, args.parallel)
-            if code == EXIT_INTERRUPTED:
-                return code
-        board = write_scoreboard(zoo)
-        print(f"scoreboard: {board / 'scoreboard.md'} (and scoreboard.html, scoreboard.json)")
-        return code
+
+        def report() -> str:
+            return f"scoreboard: {write_scoreboard(zoo) / 'scoreboard.md'} (and scoreboard.html, scoreboard.json)"
+
+        return run_then_report(zoo.grid, args.parallel, args.analyze_only, report)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

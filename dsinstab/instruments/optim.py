@@ -34,6 +34,8 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.runtime.zero import utils as zero_utils
 
+from dsinstab.run.engine import client_optimizer
+
 
 @dataclass
 class Segments:
@@ -185,3 +187,12 @@ class MitigatedAdamW(torch.optim.AdamW):
 # torch's AdamW with the same state, so it is registered as DeepSpeed registers its own Muon.
 if MitigatedAdamW not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
     zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(MitigatedAdamW)
+
+
+def mitigated_optimizer(engine, what: str) -> MitigatedAdamW:
+    """The engine's :class:`MitigatedAdamW`, for a mitigation that acts inside the update; a
+    TypeError naming ``what`` when the engine was built with another optimizer."""
+    opt = client_optimizer(engine)
+    if not isinstance(opt, MitigatedAdamW):
+        raise TypeError(f"{what} needs the engine built with MitigatedAdamW (registry.optimizer_for)")
+    return opt

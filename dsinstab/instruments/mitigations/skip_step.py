@@ -12,7 +12,7 @@ import deepspeed.comm as dist
 import torch
 
 from dsinstab.instruments.base import Context, Instrument
-from dsinstab.instruments.optim import MitigatedAdamW
+from dsinstab.instruments.optim import mitigated_optimizer
 from dsinstab.run import engine as eng
 from dsinstab.run.plugins import Step, world_size
 
@@ -76,9 +76,7 @@ class SkipStepPlugin(Instrument):
         m = ctx.cfg.trainer.mitigations
         self.engine, self.log_every = ctx.engine, ctx.cfg.trainer.log_every
         self.skip = SkipStep(m.skip_step_sigma, m.skip_step_window, ctx.engine.device)
-        opt = eng.client_optimizer(ctx.engine)
-        if not isinstance(opt, MitigatedAdamW):
-            raise TypeError("skip-step needs the engine built with MitigatedAdamW (registry.optimizer_for)")
+        opt = mitigated_optimizer(ctx.engine, "skip-step")
         opt.gate = self._gate
         self.step: Step | None = None
         self.loss: torch.Tensor | None = None

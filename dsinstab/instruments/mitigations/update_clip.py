@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from dsinstab.instruments.base import Context, Instrument, Refusal
-from dsinstab.instruments.optim import MitigatedAdamW, Segments
-from dsinstab.run import engine as eng
+from dsinstab.instruments.optim import Segments, mitigated_optimizer
 from dsinstab.run.ds_config import zero_stage
 from dsinstab.run.plugins import Step, world_size
 
@@ -68,11 +67,7 @@ class UpdateClipPlugin(Instrument):
 
     def __init__(self, ctx: Context):
         self.log_every = ctx.cfg.trainer.log_every
-        self.opt = eng.client_optimizer(ctx.engine)
-        if not isinstance(self.opt, MitigatedAdamW):
-            raise TypeError(
-                "update clipping needs the engine built with MitigatedAdamW (registry.optimizer_for)"
-            )
+        self.opt = mitigated_optimizer(ctx.engine, "update clipping")
         if _flat(ctx.engine):
             self.opt.segments = FlatSegments(ctx.engine)
 

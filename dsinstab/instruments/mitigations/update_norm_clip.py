@@ -15,8 +15,7 @@ import torch
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from dsinstab.instruments.base import Context, Instrument, Refusal
-from dsinstab.instruments.optim import MitigatedAdamW
-from dsinstab.run import engine as eng
+from dsinstab.instruments.optim import mitigated_optimizer
 from dsinstab.run.ds_config import zero_stage
 from dsinstab.run.plugins import Step, world_size
 
@@ -83,11 +82,7 @@ class UpdateNormClipPlugin(Instrument):
         m = ctx.cfg.trainer.mitigations
         self.engine, self.log_every = ctx.engine, ctx.cfg.trainer.log_every
         self.window = UpdateNormWindow(m.update_norm_clip_sigma, m.update_norm_clip_window, ctx.engine.device)
-        self.opt = eng.client_optimizer(ctx.engine)
-        if not isinstance(self.opt, MitigatedAdamW):
-            raise TypeError(
-                "update-norm clipping needs the engine built with MitigatedAdamW (registry.optimizer_for)"
-            )
+        self.opt = mitigated_optimizer(ctx.engine, "update-norm clipping")
         self.opt.update_norm_scale = self.window.scale
         if isinstance(ctx.engine.optimizer, DeepSpeedZeroOptimizer):
             # ZeRO 1/2 step one param group at a time, each a flat partition of this rank's share
