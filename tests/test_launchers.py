@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, TINY, assert_ok, env, free_port, launch, launch_cmd, metrics, run_cmd, spawn
 from dsinstab.run.checkpoint import MARKER, RANKS
 from dsinstab.run.config import ConfigError, TrainerConfig
-from dsinstab.run.distributed import Launch, discover, first_host
+from dsinstab.run.distributed import Launch, discover, first_host, without_launch
 from dsinstab.run.evaluate import eval_blocks, eval_plan
 
 STEPS = ("trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=4")
@@ -52,6 +52,7 @@ def family_env(family: str, rank: int, world: int, port: int) -> dict[str, str]:
         return own | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     assert family == "slurm"  # no MASTER_ADDR: rank 0's host comes from the node list
     return {
+        "SLURM_STEP_ID": "0",  # what srun sets for the tasks it starts
         "SLURM_PROCID": str(rank),
         "SLURM_NTASKS": str(world),
         "SLURM_LOCALID": str(rank),
@@ -118,6 +119,7 @@ ONE_NODE = {
         "MV2_COMM_WORLD_LOCAL_SIZE": "4",
     },
     "slurm": {
+        "SLURM_STEP_ID": "0",
         "SLURM_PROCID": "1",
         "SLURM_NTASKS": "4",
         "SLURM_LOCALID": "1",
@@ -198,13 +200,34 @@ def test_slurm_takes_the_steps_counts_and_the_first_host_of_its_node_list():
          "mvapich gives 2 ranks on more than one node"),
         ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "MASTER_ADDR is not"),
         ({"RANK": "0"}, "RANK is set but none of WORLD_SIZE is"),
-        ({"SLURM_PROCID": "2", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}, "rank 2 (local rank 0) of 2"),
-        ({"SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, "SLURM_PROCID is 'x', not a whole number"),
+        ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"},
+         "rank 2 (local rank 0) of 2"),
+        ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "x", "SLURM_NTASKS": "2"}, "SLURM_PROCID is 'x', not a whole number"),
     ],
 )  # fmt: skip
 def test_incomplete_launcher_variables_are_refused_in_one_sentence(variables, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         discover(variables)
+
+
+def test_a_batch_script_or_a_sweeps_child_is_one_rank_on_a_port_of_its_own():
+    """SLURM's variables outside an srun step (a batch script, an salloc shell) launch nothing, and a
+    process alone never takes a job-wide port: two runs of one allocation must not collide. A sweep
+    hands its children no launcher variable at all."""
+    batch = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
+             "SLURM_JOB_NODELIST": "gpu[07-08]"}  # fmt: skip
+    alone = discover(batch)
+    assert (alone.launcher, alone.world, alone.master_addr, alone.master_port) == (
+        "none",
+        1,
+        "127.0.0.1",
+        None,
+    )
+    one_task = discover({**batch, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1"})
+    assert one_task.world == 1 and one_task.master_port is None  # a free port, picked at start
+    step = {**ONE_NODE["slurm"], "RANK": "1", "MASTER_PORT": "1234", "OMPI_COMM_WORLD_RANK": "0"}
+    assert not set(without_launch({**step, "HOME": "/root"})) - {"HOME", "SLURM_NTASKS", "SLURM_NODEID",
+                                                              "SLURM_TASKS_PER_NODE", "SLURM_JOB_NODELIST"}  # fmt: skip
 
 
 def test_the_train_command_sizes_the_batch_from_the_launchers_world(tmp_path):

@@ -59,7 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--emit", choices=("commands", "slurm"), default=None, help="write commands.txt or sweep.sbatch"
     )
-    p.add_argument("--out", default="runs/zoo", metavar="DIR", help="the zoo folder (default: %(default)s)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="the zoo folder (default: runs/zoo, runs/zoo-quick with --quick)",
+    )
     p.add_argument(
         "--cases", default=str(ZOO), metavar="DIR", help="the folder of case files (default: configs/zoo)"
     )
@@ -67,6 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="only write the scoreboard from the run directories there are")  # fmt: skip
     p.add_argument("--point", default=None, metavar="CASE/NAME|INDEX", help="run one run (what --emit calls)")
     args = p.parse_args(argv)
+    # the quick and the full setting train different runs under the same names: never one folder
+    args.out = args.out or ("runs/zoo-quick" if args.quick else "runs/zoo")
     if args.parallel is not None and args.parallel < 1:
         p.error("--parallel must be at least 1")
     if args.seeds is not None and args.seeds < 1:

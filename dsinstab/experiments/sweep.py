@@ -33,6 +33,7 @@ from pathlib import Path
 
 from dsinstab.instruments import registry
 from dsinstab.run.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
+from dsinstab.run.distributed import without_launch
 from dsinstab.run.resolve import DEFAULT_DS_CONFIG, ROOT, find_path, resolve
 from dsinstab.run.status import EXIT_INTERRUPTED, RunEnd, outcome, read_status
 
@@ -445,7 +446,7 @@ def _run(grid: Grid, slots: list[dict], say) -> int:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=Path.cwd(),
-                    env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                    env={**without_launch(os.environ), **env, "PYTHONUNBUFFERED": "1"},
                     preexec_fn=_die_with_parent,
                 )
                 running[slot] = (proc, point, mode, time.time(), log)

@@ -21,7 +21,7 @@ from pathlib import Path
 from dsinstab.experiments.zoo import Case, Zoo
 from dsinstab.reports.render import html_figure, html_page, html_table, markdown_table, plt, save_figure
 from dsinstab.reports.run_data import COLORS
-from dsinstab.run.status import read_status
+from dsinstab.run.status import outcome, read_status
 from dsinstab.run.tracking import json_safe, read_jsonl
 
 LEVEL = 0.95
@@ -30,7 +30,7 @@ LEVEL = 0.95
 @dataclass
 class SeedResult:
     seed: int
-    ran: bool
+    ran: bool  # ended with a result (finished, died at the minimum scale, stopped by a detector)
     unstable: bool
     why: list[str]
     final_eval: float | None  # the last eval loss of a finished run; None otherwise
@@ -50,6 +50,11 @@ class Cell:
     @property
     def unstable(self) -> int:
         return sum(s.unstable for s in self.ran)
+
+    @property
+    def not_ended(self) -> list[SeedResult]:
+        """Seeds that ran but ended without a result (failed, interrupted, a checkpoint failed)."""
+        return [s for s in self.seeds if not s.ran and s.state is not None]
 
     def final_evals(self) -> list[float]:
         """Each seed's final eval loss; a run that did not finish (or ended non-finite) is +inf."""
@@ -87,7 +92,7 @@ def run_dir(case: Case, variant: str, seed: int) -> Path:
 def seed_result(case: Case, variant: str, seed: int) -> SeedResult:
     d = run_dir(case, variant, seed)
     status = read_status(d)
-    if not status or status.get("state") == "running":
+    if outcome(status) is None:  # not run, still running, failed or interrupted: no result to score
         return SeedResult(seed, False, False, [], None, status.get("state"))
     unstable, why = case.criteria.judge(d)
     rows = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
@@ -105,10 +110,12 @@ def cells(zoo: Zoo) -> list[Cell]:
 
 
 def cell_text(cell: Cell) -> str:
+    """``k/n · median [low, high] (coverage)``, and the seeds that ended without a result."""
+    failed = f" (+{len(cell.not_ended)} without a result)" if cell.not_ended else ""
     if not cell.ran:
-        return "not run"
-    med, lo, hi, _ = median_interval(cell.final_evals())
-    return f"{cell.unstable}/{len(cell.ran)} · {_num(med)} [{_num(lo)}, {_num(hi)}]"
+        return ("not run" if not cell.not_ended else "no result") + failed
+    med, lo, hi, cov = median_interval(cell.final_evals())
+    return f"{cell.unstable}/{len(cell.ran)} · {_num(med)} [{_num(lo)}, {_num(hi)}] ({cov:.0%}){failed}"
 
 
 def costs(zoo: Zoo, by_key: dict) -> list[dict]:
@@ -119,11 +126,11 @@ def costs(zoo: Zoo, by_key: dict) -> list[dict]:
         for variant in case.variants:
             if variant == "baseline":
                 continue
-            diffs = []
+            diffs = []  # a seed where the variant did not finish costs +inf: it lost the run
             for s in by_key[(case.name, variant)].ran:
                 b = base.get(s.seed)
-                if b is not None and b.final_eval is not None and s.final_eval is not None:
-                    diffs.append(s.final_eval - b.final_eval)
+                if b is not None and b.final_eval is not None:
+                    diffs.append(s.final_eval - b.final_eval if s.final_eval is not None else math.inf)
             med, lo, hi, cov = median_interval(diffs)
             rows.append({"case": case.name, "variant": variant, "seeds": len(diffs), "median Δ eval loss": med,
                          "low": lo, "high": hi, "coverage": cov if diffs else None})  # fmt: skip
@@ -163,12 +170,10 @@ def write_scoreboard(zoo: Zoo) -> Path:
     plots = [plot_case(case, by_key, out) for case in zoo.cases if by_key[(case.name, "baseline")].ran]
     columns = ["case", "instability", *variants]
     cost_cols = ["case", "variant", "seeds", "median Δ eval loss", "low", "high", "coverage"]
-    n = max((len(c.seeds) for c in all_cells), default=0)
-    _, _, _, coverage = median_interval([0.0] * n) if n else (None, None, None, 0.0)
     intro = (
-        f"Each cell: unstable seeds k/n by the case's own definition · median final eval loss over seeds "
-        f"[interval for the median; with {n} seeds it covers {coverage:.0%}]. A run that did not finish "
-        "counts as +inf."
+        "Each cell: unstable seeds k/n by the case's own definition · median final eval loss over seeds "
+        "[interval for the median] (its coverage: with n seeds the range covers 1 - 2·0.5^n). A run that "
+        "died counts as +inf; a seed that ended without a result (failed, interrupted) is left out and named."
     )
     definitions = [
         f"- **{c.name}**: unstable when {describe(c)}; fixes: {', '.join(c.fixes) or '-'}" for c in zoo.cases

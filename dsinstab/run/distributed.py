@@ -70,6 +70,33 @@ FAMILIES = (
     ),
 )
 SLURM_NODELISTS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+SLURM_STEP_VARS = ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS")  # set for the tasks srun starts
+# what a launcher tells its processes: a process that starts runs of its own (a sweep, the zoo)
+# hands its children none of it, or each would take itself for one rank of the launcher's job
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+LAUNCH_PREFIXES = (
+    "OMPI_COMM_WORLD_",
+    "MV2_COMM_WORLD_",
+    "PMI_",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_STEP_",
+)
+
+
+def without_launch(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` less every launcher variable (:data:`LAUNCH_VARS`, :data:`LAUNCH_PREFIXES`)."""
+    return {k: v for k, v in environ.items() if k not in LAUNCH_VARS and not k.startswith(LAUNCH_PREFIXES)}
+
+
 SLURM_TASKS_PER_NODE = ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
 
 
@@ -109,6 +136,8 @@ def discover(environ: Mapping[str, str] | None = None) -> Launch:
         rank = _int(env, rank_vars)
         if rank is None:
             continue
+        if launcher == "slurm" and not any(env.get(k, "").strip() for k in SLURM_STEP_VARS):
+            continue  # a batch script or salloc shell, not a task srun started: one rank of its own
         world = _int(env, world_vars)
         if world is None:
             raise ConfigError(f"{WHERE}: {rank_vars[0]} is set but none of {', '.join(world_vars)} is.")
@@ -127,6 +156,8 @@ def discover(environ: Mapping[str, str] | None = None) -> Launch:
                 "must lie in [0, world size)."
             )
         addr, port = _rendezvous(env, launcher, world, local_size)
+        if world == 1:  # alone: a free port, never one a job-wide rule gives every process alike
+            addr, port = "127.0.0.1", None
         return Launch(launcher, rank, world, local_rank, local_size, addr, port)
     return Launch("none", 0, 1, 0, None, "127.0.0.1", None)
 
