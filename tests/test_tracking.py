@@ -205,6 +205,40 @@ def test_a_resume_in_a_new_process_rewinds_the_same_wandb_run(tmp_path, offline)
     assert [row[:2] for row in event_table(tmp_path)] == [[3, "loss_spike"], [7, "grad_norm_spike"]]
 
 
+RESUME_COUNTED = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_tracking import sink
+s = sink(Path({run!r}), resume=True)
+s.load_state_dict({saved!r})  # what restore() hands the sink from the checkpoint at step 4
+s.rewind(4, events=True)
+s.log(5, {{"train/loss": 55.0}})
+s.close()
+"""
+
+
+def test_a_resume_keeps_the_events_its_checkpoint_counted_in_the_wandb_table_too(tmp_path, offline):
+    s = sink(tmp_path)
+    for step in range(1, 7):
+        s.log(step, {"train/loss": float(step)})
+    # a rollback from step 6 (its events carry step 6), then a checkpoint at step 4 after it
+    s.event({"step": 6, "kind": "loss_spike", "action": "rollback"})
+    s.event({"step": 6, "kind": "rollback", "action": "rollback"})
+    saved = s.state_dict()
+    s.event({"step": 5, "kind": "grad_norm_spike", "action": "none"})  # after the checkpoint
+    s.close()
+    assert saved == {"events": 2}
+    code = RESUME_COUNTED.format(tests=str(ROOT / "tests"), run=str(tmp_path), saved=saved)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [row[:2] for row in event_table(tmp_path)] == [[6, "loss_spike"], [6, "rollback"]]
+    assert [(e["step"], e["kind"]) for e in read_jsonl(tmp_path / "events.jsonl")] == [
+        (6, "loss_spike"),
+        (6, "rollback"),
+    ]
+
+
 def test_the_wandb_group_is_the_configured_one(tmp_path, offline):
     for name, group in (("grouped", "sweep-7"), ("plain", "")):
         (tmp_path / name).mkdir()
