@@ -133,3 +133,22 @@ def test_resume_refuses_another_seq_len_before_writing_and_keeps_each_segments_c
     marker = json.loads((run / "checkpoints" / "step-3" / MARKER).read_text())
     assert marker["step"] == 3 and marker["data_layout"]["model.seq_len"] == 64
     assert marker["data_layout"][RANKS] == 1
+
+
+def test_a_checkpoint_from_before_the_plugins_were_split_restores_every_state():
+    """The spike monitor's state (then `monitor`, with the action policy inside it) and the one
+    `mitigations` plug-in's (ZClip, skip-step, QK-clip's count) go to the plug-ins that hold them now."""
+    from dsinstab.run.state import legacy_plugin_states
+
+    zclip = {"warm": [], "mean": 1.0, "var": 0.01}
+    skip = {"history": [[5.0], [1.0]], "count": 1, "skipped": 0}
+    monitor = {"loss": {}, "policy": {"last_checkpoint_step": 7, "checkpoints": 1, "rollbacks": 0}}
+    old = {"monitor": monitor, "plugins": {"mitigations": {"qk_total": 3, "zclip": zclip, "skip_step": skip}}}
+    assert legacy_plugin_states(old) == {
+        "spikes": monitor,
+        "zclip": zclip,
+        "skip_step": skip,
+        "qk_clip": {"total": 3},
+    }
+    new = {"plugins": {"zclip": zclip}}
+    assert legacy_plugin_states(new) == {"zclip": zclip}

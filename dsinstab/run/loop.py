@@ -22,6 +22,7 @@ from dsinstab.run import engine as eng
 from dsinstab.run import lowp
 from dsinstab.run.actions import on_firings, on_min_loss_scale
 from dsinstab.run.checkpoint import CheckpointWriteError, write_atomic
+from dsinstab.run.evaluate import evaluate
 from dsinstab.run.model import lm_loss
 from dsinstab.run.plugins import Readings, Step
 from dsinstab.run.state import Run, save
@@ -230,27 +231,6 @@ def precision_metrics(engine, scale: float | None) -> dict:
     if left is not None:
         out["train/hysteresis"] = left
     return out
-
-
-@torch.no_grad()
-def evaluate(run: Run, ctx) -> float:
-    """Mean cross-entropy over the first ``eval_batches x micro_batch x world`` validation blocks."""
-    t, engine = run.cfg.trainer, run.engine
-    n = len(run.data.validation)
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=engine.device)  # (sum of losses, batches)
-    for i in range(t.eval_batches):
-        start = (i * run.world + run.rank) * t.micro_batch_size
-        indices = torch.arange(start, start + t.micro_batch_size) % n
-        batch = run.data.blocks("validation", indices).to(engine.device, non_blocking=True)
-        with ctx:
-            _, parts = lm_loss(engine(input_ids=batch[:, :-1]).logits, batch[:, 1:], 0.0)
-        total[0] += parts["ce"].double()
-        total[1] += 1
-    engine.train()
-    if run.world > 1:
-        dist.all_reduce(total)
-    return float(total[0] / total[1])
 
 
 def log_eval(run: Run, ctx) -> None:

@@ -80,10 +80,8 @@ def restore(run: Run, client: dict) -> None:
     state = client[KEY]
     run.step, run.tokens_seen = state["step"], state["tokens_seen"]
     run.order.load_state_dict(state["batch_order"])
-    plugins = dict(state.get("plugins", {}))
-    if "monitor" in state:  # a checkpoint from before the spike monitor was a plug-in
-        plugins.setdefault("spikes", state["monitor"])
-        state.setdefault("policy", state["monitor"]["policy"])
+    plugins = legacy_plugin_states(state)
+    state.setdefault("policy", state.get("monitor", {}).get("policy"))
     run.policy.load_state_dict(state["policy"])
     run.plugins.load_state_dict(plugins)
     run.history.clear()
@@ -99,3 +97,19 @@ def save(run: Run, tag: str, event: dict | None = None) -> None:
     if event is not None:
         state[EVENT_KEY] = event
     run.checkpointer.save(tag, state, run.step)
+
+
+def legacy_plugin_states(state: dict) -> dict:
+    """The plug-in states of a checkpoint, those saved before each instrument was a plug-in of its
+    own included: the spike monitor (``monitor``) and the one ``mitigations`` plug-in that held
+    ZClip, skip-step and QK-clip go to the plug-ins that now hold them."""
+    plugins = dict(state.get("plugins", {}))
+    if "monitor" in state:
+        plugins.setdefault("spikes", state["monitor"])
+    old = plugins.pop("mitigations", None)
+    if old is not None:
+        for name in ("zclip", "skip_step"):
+            if name in old:
+                plugins.setdefault(name, old[name])
+        plugins.setdefault("qk_clip", {"total": old.get("qk_total", 0)})
+    return plugins
