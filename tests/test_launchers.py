@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, TINY, assert_ok, env, free_port, launch, launch_cmd, metrics, run_cmd, spawn
 from dsinstab.run.checkpoint import MARKER, RANKS
 from dsinstab.run.config import ConfigError, TrainerConfig
-from dsinstab.run.distributed import Launch, discover, first_host, without_launch
+from dsinstab.run.distributed import LAUNCH_VARS, Launch, discover, first_host, without_launch
 from dsinstab.run.evaluate import eval_blocks, eval_plan
 
 STEPS = ("trainer.max_steps=4", "trainer.eval_every=4", "trainer.checkpoint_every=4")
@@ -29,15 +29,7 @@ KEYS = ("train/loss", "train/grad_norm", "train/lr", "eval/loss")
 SCRIPT = str(ROOT / "scripts" / "train.py")
 # what a process inherits that would tell it its rank: none of it may leak into a simulated launch
 LAUNCHER_PREFIXES = ("OMPI_", "MV2_", "SLURM_", "PMI_", "PMIX_")
-LAUNCHER_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
+LAUNCHER_VARS = LAUNCH_VARS
 
 
 def family_env(family: str, rank: int, world: int, port: int) -> dict[str, str]:
