@@ -17,6 +17,7 @@ import yaml
 
 from conftest import ROOT, TINY, assert_ok, run_cmd, spawn
 from dsinstab.commands import sweep
+from dsinstab.reports.stats import spread
 from dsinstab.reports.sweep_report import write_sweep_report
 
 SWEEP = [sys.executable, str(ROOT / "scripts" / "sweep.py")]
@@ -344,5 +345,6 @@ def check_report(grid, out):
         assert float(row[3]) == pytest.approx(expected, rel=2e-3, abs=2e-4)
         ok = [lr for lr, f in zip((1e-3, 1e-2, 1e-1), finals) if f is not None]
         assert float(row[6]) == pytest.approx(max(ok))
+        assert row[-1] == spread([float(row[3])])  # one seed: its own value, covering 0%
     html_page = (out / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html_page and "loss_vs_lr" in html_page

@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT, TINY, assert_ok, run_cmd, spawn
 from dsinstab.commands.zoo import main as zoo_main
 from dsinstab.experiments.zoo import Criteria, load_zoo
-from dsinstab.reports.zoo_report import median_interval
+from dsinstab.reports.stats import median_interval, spread
 from dsinstab.run.status import read_status
 from dsinstab.run.tracking import read_jsonl
 
@@ -45,6 +45,7 @@ def test_the_median_interval_is_the_order_statistic_one():
     assert (med, lo, hi) == (4.0, 1.0, 7.0) and cov == pytest.approx(1 - 20 / 512)
     assert median_interval([1.0, 2.0, math.inf, 4.0])[0] == 3.0  # a diverged run ranks last
     assert median_interval([]) == (None, None, None, 0.0)
+    assert spread([3.0, 1.0, 2.0]) == "2 [1, 3] (75%)" and spread([]) == "-"
 
 
 def test_each_definition_of_unstable(tmp_path):

@@ -27,6 +27,7 @@ from dsinstab.experiments.sweep import Grid, Point  # noqa: E402
 from dsinstab.reports.render import fmt, html_figure, html_page, html_table, markdown_table, save_figure  # noqa: E402
 from dsinstab.reports.run_data import COLORS, ending, load_run  # noqa: E402
 from dsinstab.reports.spike_score import name_scores, score_label  # noqa: E402
+from dsinstab.reports.stats import spread  # noqa: E402
 from dsinstab.run.config import ConfigError  # noqa: E402
 
 LR_RANGE = (3e-4, 3e-1)  # Wortsman et al. 2023's [a, b]
@@ -145,6 +146,7 @@ def variant_rows(results: list[PointResult], variants: list[str], seeds: list[in
                 "points": f"{sum(r.diverged is not None for r in mine)}/{len(mine)}",
                 "LR sensitivity": statistics.fmean(vals) if vals else None,
                 "std over seeds": statistics.stdev(vals) if len(vals) > 1 else None,
+                "LR sensitivity: median over seeds [interval] (coverage)": spread(vals),
                 "per seed": ", ".join(f"s{s}: {_fmt(x)}" for s, x in per_seed.items()),
                 "largest LR trained": max(ok) if ok else None,
                 "diverged points": sum(bool(r.diverged) for r in mine),
@@ -166,6 +168,7 @@ VARIANT_COLUMNS = [
     "diverged points",
     "best LR",
     "best final eval loss",
+    "LR sensitivity: median over seeds [interval] (coverage)",
 ]
 POINT_COLUMNS = [
     "name",

@@ -15,16 +15,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from math import comb
 from pathlib import Path
 
 from dsinstab.experiments.zoo import Case, Zoo
 from dsinstab.reports.render import html_figure, html_page, html_table, markdown_table, plt, save_figure
 from dsinstab.reports.run_data import COLORS
+from dsinstab.reports.stats import LEVEL, median_interval
 from dsinstab.run.status import outcome, read_status
 from dsinstab.run.tracking import json_safe, read_jsonl
-
-LEVEL = 0.95
 
 
 @dataclass
@@ -63,25 +61,6 @@ class Cell:
             v = s.final_eval
             out.append(v if v is not None and math.isfinite(v) else math.inf)
         return out
-
-
-def median_interval(
-    values: list[float], level: float = LEVEL
-) -> tuple[float | None, float | None, float | None, float]:
-    """(median, low, high, coverage): the sample median and the order-statistic interval
-    [x_(k), x_(n+1-k)] with the largest k whose coverage 1 - 2·P(Binom(n, 1/2) < k) is at least
-    ``level`` (k = 1, the whole range, when none is)."""
-    xs = sorted(values)
-    n = len(xs)
-    if n == 0:
-        return None, None, None, 0.0
-    mid = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-    k, coverage = 1, 1 - 2 * 0.5**n
-    for j in range(1, n // 2 + 1):
-        cov = 1 - 2 * sum(comb(n, i) for i in range(j)) * 0.5**n
-        if cov >= level:
-            k, coverage = j, cov
-    return mid, xs[k - 1], xs[n - k], coverage
 
 
 def run_dir(case: Case, variant: str, seed: int) -> Path:
