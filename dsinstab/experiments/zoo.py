@@ -42,9 +42,11 @@ class Criteria:
     metric_above: dict[str, float] = field(default_factory=dict)  # a metric (prefix) past its bound
 
     def judge(self, run_dir: Path) -> tuple[bool, list[str]]:
-        """Whether the run is unstable, and why (each reason one short phrase)."""
-        status = read_status(run_dir)
-        rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+        """Whether the run in ``run_dir`` is unstable, and why (each reason one short phrase)."""
+        return self.verdict(*read_run(run_dir))
+
+    def verdict(self, status: dict, rows: list[dict], events: list[dict]) -> tuple[bool, list[str]]:
+        """:meth:`judge` on a run already read (:func:`read_run`)."""
         evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
         why = []
         state = status.get("state")
@@ -52,7 +54,7 @@ class Criteria:
             why.append(
                 f"{RunEnd.of(state).words if RunEnd.of(state) else state} at step {status.get('step')}"
             )
-        final = evals[-1] if evals and state == RunEnd.finished.name else None
+        final = final_eval(status, rows)
         if final is not None and not math.isfinite(final):
             why.append("non-finite final eval loss")
         if final is not None and self.final_eval_above_start is not None and evals:
@@ -62,8 +64,8 @@ class Criteria:
                 )
         if final is not None and self.final_eval_above is not None and final > self.final_eval_above:
             why.append(f"final eval loss {final:.3f} > {self.final_eval_above:g}")
-        if self.events and (run_dir / "events.jsonl").exists():
-            for e in read_jsonl(run_dir / "events.jsonl"):
+        if self.events:
+            for e in events:
                 kinds = {e.get("kind")} | {f.get("kind") for f in e.get("firings", [])}
                 hit = sorted(k for k in kinds if k in self.events)
                 if hit:
@@ -77,6 +79,19 @@ class Criteria:
             if top is not None and not top <= bound:
                 why.append(f"{prefix} reached {top:.4g} > {bound:g}")
         return bool(why), why
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict], list[dict]]:
+    """A run directory's status, metrics and events, each empty where its file is missing."""
+    rows = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    events = read_jsonl(run_dir / "events.jsonl") if (run_dir / "events.jsonl").exists() else []
+    return read_status(run_dir), rows, events
+
+
+def final_eval(status: dict, rows: list[dict]) -> float | None:
+    """The last eval loss of a finished run; ``None`` for a run that did not finish."""
+    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
+    return evals[-1] if evals and status.get("state") == RunEnd.finished.name else None
 
 
 @dataclass

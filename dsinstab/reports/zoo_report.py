@@ -17,11 +17,11 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dsinstab.experiments.zoo import Case, Zoo
+from dsinstab.experiments.zoo import Case, Zoo, final_eval, read_run
 from dsinstab.reports.render import html_figure, html_page, html_table, markdown_table, plt, save_figure
 from dsinstab.reports.run_data import COLORS
 from dsinstab.reports.stats import LEVEL, median_interval
-from dsinstab.run.status import outcome, read_status
+from dsinstab.run.status import outcome
 from dsinstab.run.tracking import json_safe, read_jsonl
 
 
@@ -69,15 +69,11 @@ def run_dir(case: Case, variant: str, seed: int) -> Path:
 
 
 def seed_result(case: Case, variant: str, seed: int) -> SeedResult:
-    d = run_dir(case, variant, seed)
-    status = read_status(d)
+    status, rows, events = read_run(run_dir(case, variant, seed))  # each file read once
     if outcome(status) is None:  # not run, still running, failed or interrupted: no result to score
         return SeedResult(seed, False, False, [], None, status.get("state"))
-    unstable, why = case.criteria.judge(d)
-    rows = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
-    evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
-    final = evals[-1] if evals and status.get("state") == "finished" else None
-    return SeedResult(seed, True, unstable, why, final, status.get("state"))
+    unstable, why = case.criteria.verdict(status, rows, events)
+    return SeedResult(seed, True, unstable, why, final_eval(status, rows), status.get("state"))
 
 
 def cells(zoo: Zoo) -> list[Cell]:
@@ -176,25 +172,28 @@ def write_scoreboard(zoo: Zoo) -> Path:
     (out / "scoreboard.html").write_text(html_page("Instability zoo scoreboard", body, width=1400))
     data = {
         "level": LEVEL,
-        "cells": [
-            {
-                "case": c.case,
-                "variant": c.variant,
-                "unstable": c.unstable,
-                "ran": len(c.ran),
-                "median_final_eval": median_interval(c.final_evals())[0],
-                "interval": list(median_interval(c.final_evals())[1:3]),
-                "coverage": median_interval(c.final_evals())[3],
-                "seeds": [asdict(s) for s in c.seeds],
-            }
-            for c in all_cells
-        ],  # fmt: skip
+        "cells": [cell_record(c) for c in all_cells],
         "costs": cost_rows,
         "criteria": {c.name: asdict(c.criteria) for c in zoo.cases},
         "fixes": {c.name: c.fixes for c in zoo.cases},
     }
     (out / "scoreboard.json").write_text(json.dumps(json_safe(data), indent=1))
     return out
+
+
+def cell_record(cell: Cell) -> dict:
+    """A cell of scoreboard.json: its counts, the median with its interval, and every seed."""
+    med, lo, hi, cov = median_interval(cell.final_evals())
+    return {
+        "case": cell.case,
+        "variant": cell.variant,
+        "unstable": cell.unstable,
+        "ran": len(cell.ran),
+        "median_final_eval": med,
+        "interval": [lo, hi],
+        "coverage": cov,
+        "seeds": [asdict(s) for s in cell.seeds],
+    }
 
 
 def describe(case: Case) -> str:
