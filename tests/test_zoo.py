@@ -122,6 +122,39 @@ def test_bad_case_files_are_refused_in_one_sentence_with_nothing_written(tmp_pat
         assert not (tmp_path / "zoo").exists()
 
 
+def test_the_gpu_shape_gives_every_case_the_124m_model_and_its_own_values(tmp_path, capsys):
+    """`--shape gpt2-124m`: every shipped case on the preset's 12-layer, 768-wide, 1024-token model,
+    with the learning rates, steps and definition of unstable the case sets for that shape; the
+    tiny shape's keys are gone, and the emitted commands rerun each point at that shape."""
+    tiny = load_zoo(out=tmp_path / "t", seeds=1)  # one seed: every variant and lr, a fifth the points
+    gpu = load_zoo(out=tmp_path / "g", seeds=1, shape="gpt2-124m")
+    assert [c.name for c in gpu.cases] == [c.name for c in tiny.cases]
+    for case in gpu.cases:
+        spec = yaml.safe_load(case.path.read_text())["shapes"]["gpt2-124m"]
+        assert case.grid.lrs == spec["lrs"]
+        if "unstable" in spec:
+            assert case.criteria.final_eval_above == spec["unstable"].get("final_eval_above")
+        for p in case.grid.points:
+            m, t = p.cfg.model, p.cfg.trainer
+            assert (m.n_layer, m.d_model, m.seq_len, p.cfg.dataset.vocab_size) == (12, 768, 1024, 50304)
+            assert (t.micro_batch_size, t.gradient_accumulation_steps) == (16, 1)
+            wanted = next(int(s.split("=")[1]) for s in spec["set"] if s.startswith("trainer.max_steps="))
+            assert t.max_steps == wanted
+    warm = next(p for p in gpu.grid.points if p.name.startswith("no-warmup/warmup-"))
+    assert warm.cfg.trainer.warmup_steps == 300  # the case's own variant, changed at this shape
+    tiny_points = {p.name: p.cfg.model.n_layer for p in tiny.grid.points}
+    assert set(tiny_points.values()) == {2}
+    assert "--shape" not in tiny.grid.rerun and gpu.grid.rerun[-2:] == ["--shape", "gpt2-124m"]
+    for argv, message in (
+        (["--shape", "gpt2-12m"], "--shape: no shape 'gpt2-12m' (did you mean gpt2-124m?)"),
+        (["--shape", "gpt2-124m", "--quick"], "--quick is the tiny shape's CPU setting"),
+    ):
+        assert zoo_main([*argv, "--out", str(tmp_path / "zoo"), "--emit", "commands"]) == 2
+        errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "zoo").exists()
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -13,7 +13,7 @@ import sys
 
 from dsinstab.commands.sweep import run_point, run_then_report
 from dsinstab.experiments.sweep import emit
-from dsinstab.experiments.zoo import ZOO, load_zoo
+from dsinstab.experiments.zoo import DEFAULT_SHAPE, ZOO, load_zoo
 from dsinstab.reports.zoo_report import write_scoreboard
 from dsinstab.run.config import ConfigError
 from dsinstab.run.resolve import find_path
@@ -25,9 +25,9 @@ examples:
   python scripts/zoo.py --quick --parallel 2
   # one case, every mitigation that applies, 5 seeds
   python scripts/zoo.py --only fp16-collapse --seeds 5
-  # the full zoo for GPUs: a SLURM array (one GPU per run), then the scoreboard once it has run
-  python scripts/zoo.py --emit slurm --out runs/zoo-full
-  python scripts/zoo.py --out runs/zoo-full --analyze-only
+  # the full zoo for GPUs on the 124M shape: a SLURM array (one GPU per run), then the scoreboard
+  python scripts/zoo.py --shape gpt2-124m --emit slurm
+  python scripts/zoo.py --shape gpt2-124m --analyze-only
 
 The scoreboard is OUT/scoreboard.md, scoreboard.html (self-contained) and scoreboard.json;
 docs/zoo.md describes the cases, what "unstable" means for each, and how to add one.
@@ -70,10 +70,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--analyze-only", "--analyze_only", dest="analyze_only", action="store_true",
                    help="only write the scoreboard from the run directories there are")  # fmt: skip
+    p.add_argument("--shape", default=DEFAULT_SHAPE, metavar="NAME",
+                   help=f"the model and data every case trains, from configs/zoo/shapes.yaml (default: {DEFAULT_SHAPE})")  # fmt: skip
     p.add_argument("--point", default=None, metavar="CASE/NAME|INDEX", help="run one run (what --emit calls)")
     args = p.parse_args(argv)
     # the quick and the full setting train different runs under the same names: never one folder
-    args.out = args.out or ("runs/zoo-quick" if args.quick else "runs/zoo")
+    args.out = args.out or (
+        "runs/zoo-quick" if args.quick else "runs/zoo" + ("" if args.shape == DEFAULT_SHAPE else f"-{args.shape}")
+    )
     if args.parallel is not None and args.parallel < 1:
         p.error("--parallel must be at least 1")
     if args.seeds is not None and args.seeds < 1:
@@ -84,7 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        zoo = load_zoo(find_path(args.cases), args.out, args.only, args.quick, args.seeds, args.variants)
+        zoo = load_zoo(
+            find_path(args.cases), args.out, args.only, args.quick, args.seeds, args.variants, args.shape
+        )
         if args.point is not None:
             return run_point(zoo.grid, args.point)
         if args.emit:

@@ -25,8 +25,13 @@ from dsinstab.run.tracking import read_jsonl
 
 ZOO = ROOT / "configs" / "zoo"
 MITIGATIONS_FILE = "mitigations.yaml"
-CASE_KEYS = ("instability", "unstable", "fixes", "mitigations", "quick", "reference")
+SHAPES_FILE = "shapes.yaml"
+NOT_CASES = (MITIGATIONS_FILE, SHAPES_FILE)
+CASE_KEYS = ("instability", "unstable", "fixes", "mitigations", "quick", "reference", "shapes")
 QUICK_KEYS = ("set", "seeds", "variants")
+SHAPE_KEYS = ("preset", "set")  # what a shape of shapes.yaml gives every case
+AT_SHAPE_KEYS = ("lrs", "set", "unstable", "variants")  # what a case may change at a shape
+DEFAULT_SHAPE = "tiny"  # the shape the cases were measured at (2 CPU cores); --quick is its setting
 CRITERIA_KEYS = ("died", "final_eval_above_start", "final_eval_above", "events", "metric_above")
 QUICK_SEEDS = 3
 
@@ -125,6 +130,31 @@ def mitigation_variants(folder: Path) -> dict:
     return variants
 
 
+def shapes(folder: Path) -> dict[str, dict]:
+    """``shapes.yaml``: the model and data every case trains, by name (its preset and overrides)."""
+    path = folder / SHAPES_FILE
+    raw = _read_yaml(path) if path.exists() else {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"{path}: each shape must map to its {' and '.join(SHAPE_KEYS)}.")
+    for name, spec in raw.items():
+        bad = [k for k in spec if k not in SHAPE_KEYS]
+        if bad:
+            raise ConfigError(f"{path}: shape {name} has unknown key {bad[0]}; allowed: {', '.join(SHAPE_KEYS)}.")
+    return raw or {DEFAULT_SHAPE: {}}
+
+
+def at_shape(raw: dict, path: Path, shape: str) -> dict:
+    """A case's own changes at ``shape`` (``shapes: {<shape>: {lrs, set, unstable, variants}}``)."""
+    at = (raw.get("shapes") or {}).get(shape) or {}
+    bad = [k for k in at if k not in AT_SHAPE_KEYS]
+    if not isinstance(at, dict) or bad:
+        raise ConfigError(
+            f"{path}: shapes.{shape} may set only {', '.join(AT_SHAPE_KEYS)}"
+            + (f", not {bad[0]}." if bad else ".")
+        )
+    return at
+
+
 def _criteria(raw, path: Path) -> Criteria:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(
@@ -154,9 +184,17 @@ def _criteria(raw, path: Path) -> Criteria:
 
 
 def load_case(
-    path: Path, out: Path, quick: bool, seeds: int | None, only_variants: list[str] | None, mitigations: dict
+    path: Path,
+    out: Path,
+    quick: bool,
+    seeds: int | None,
+    only_variants: list[str] | None,
+    mitigations: dict,
+    shape: tuple[str, dict] = (DEFAULT_SHAPE, {}),
 ) -> Case:
-    """One case: its grid resolved (every point checked as train.py checks it), nothing written."""
+    """One case at ``shape`` (its name and spec): its grid resolved (every point checked as
+    train.py checks it), nothing written. The overrides apply in this order, the last winning: the
+    shape's, the case's, the case's own at that shape, the quick setting's, the variant's."""
     raw = _read_yaml(path)
     for key in raw:
         if key not in GRID_KEYS + CASE_KEYS:
@@ -167,9 +205,11 @@ def load_case(
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(f"{path}: name must be letters, digits, '_', '.', '+' or '-', got {name!r}.")
-    criteria = _criteria(raw.get("unstable"), path)
+    shape_name, shape_spec = shape
+    at = at_shape(raw, path, shape_name)
+    criteria = _criteria(at.get("unstable", raw.get("unstable")), path)
     fixes = list(raw.get("fixes", []))
-    own = dict(raw.get("variants") or {})
+    own = {**(raw.get("variants") or {}), **(at.get("variants") or {})}
     wanted = raw.get("mitigations", "all")
     names = list(mitigations) if wanted == "all" else list(wanted or [])
     unknown = [m for m in names if m not in mitigations and m not in own]
@@ -185,6 +225,10 @@ def load_case(
         )
     grid_raw = {k: copy.deepcopy(v) for k, v in raw.items() if k in GRID_KEYS}
     grid_raw["name"] = name
+    grid_raw["set"] = [*shape_spec.get("set", []), *grid_raw.get("set", []), *at.get("set", [])]
+    grid_raw["lrs"] = at.get("lrs", grid_raw.get("lrs"))
+    if shape_spec.get("preset") and "preset" not in grid_raw:
+        grid_raw["preset"] = shape_spec["preset"]
     all_seeds = list(grid_raw.get("seeds", [0]))
     if quick:
         q = raw.get("quick") or {}
@@ -212,10 +256,20 @@ def load_zoo(
     quick: bool = False,
     seeds: int | None = None,
     variants: list[str] | None = None,
+    shape: str = DEFAULT_SHAPE,
 ) -> Zoo:
-    """Every case of ``folder`` (or those named in ``only``), resolved; bad input raises ConfigError."""
+    """Every case of ``folder`` (or those named in ``only``) at ``shape``, resolved; bad input
+    raises ConfigError."""
     folder, out = Path(folder), Path(out)
-    files = sorted(p for p in folder.glob("*.yaml") if p.name != MITIGATIONS_FILE)
+    files = sorted(p for p in folder.glob("*.yaml") if p.name not in NOT_CASES)
+    known = shapes(folder)
+    if shape not in known:
+        raise ConfigError(
+            f"--shape: no shape {shape!r}{_suggest(shape, list(known))} in {folder / SHAPES_FILE}; "
+            f"the shapes: {', '.join(known)}."
+        )
+    if quick and shape != DEFAULT_SHAPE:
+        raise ConfigError(f"--quick is the {DEFAULT_SHAPE} shape's CPU setting; leave it out with --shape {shape}.")
     names = [p.stem for p in files]
     for name in only or []:
         if name not in names:
@@ -224,7 +278,9 @@ def load_zoo(
             )
     mitigations = mitigation_variants(folder)
     cases = [
-        load_case(p, out, quick, seeds, variants, mitigations) for p in files if not only or p.stem in only
+        load_case(p, out, quick, seeds, variants, mitigations, (shape, known[shape]))
+        for p in files
+        if not only or p.stem in only
     ]
     points = []
     for case in cases:
@@ -236,5 +292,6 @@ def load_zoo(
     rerun += ["--out", str(out.resolve())]
     rerun += (["--quick"] if quick else []) + (["--seeds", str(seeds)] if seeds is not None else [])
     rerun += (["--only", *only] if only else []) + (["--variants", *variants] if variants else [])
+    rerun += ["--shape", shape] if shape != DEFAULT_SHAPE else []
     grid = Grid(folder, "zoo", out, [], [], [], points, rerun=rerun)
     return Zoo(out, cases, grid)
