@@ -317,4 +317,4 @@ def test_the_fp16_collapse_preset_does_what_the_readme_says(tmp_path, cache_dir)
     proc, bf16 = run("bf16", "zero2_bf16.json", "trainer.spikes.action=stop")
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert [(e["step"], e["kind"]) for e in bf16.events] == [(spike_at, "loss_spike")]
-    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["trainer"]["max_steps"] == 200
+    assert yaml.safe_load((tmp_path / "bf16" / "config.yaml").read_text())["trainer"]["max_steps"] == 100
