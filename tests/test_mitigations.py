@@ -45,26 +45,42 @@ class Blocks:
 
 
 class Order:
+    """The blocks in turn (``repeat``: the first micro batch again and again), with the
+    ``BatchOrder`` methods the loop's batches read ahead by."""
+
+    seed = 0
+
     def __init__(self, micro_batch: int, n: int = 64, repeat: bool = False):
         self.position, self.mb, self.n, self.repeat = 0, micro_batch, n, repeat
 
-    def next(self) -> torch.Tensor:
-        start = 0 if self.repeat else self.position * self.mb
-        self.position += 1
+    def indices_at(self, position: int) -> torch.Tensor:
+        start = 0 if self.repeat else position * self.mb
         return torch.arange(start, start + self.mb) % self.n
+
+    def next(self) -> torch.Tensor:
+        self.position += 1
+        return self.indices_at(self.position - 1)
 
 
 class Tiny:
     """conftest.TINY's model in an engine of ``ds`` with the registry's mitigation plug-ins, stepped
     by ``loop.advance`` exactly as a run steps it."""
 
-    def __init__(self, ds: str, *overrides: str, repeat: bool = False):
+    def __init__(self, ds: str, *overrides: str, repeat: bool = False, foreach: bool | None = None):
         cfg = load_config(ROOT / "configs", [*TINY, *overrides])
         path = ds if ds.endswith(".json") else ROOT / "ds_configs" / f"{ds}.json"
         cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
         t, vocab = cfg.trainer, cfg.dataset.vocab_size
         self.model = build_model(cfg.model, vocab, vocab - 1, t.seed)
-        self.engine = eng.build_engine(self.model, t, cfg.ds_config, registry.optimizer_for(cfg))
+        factory = registry.optimizer_for(cfg)
+
+        def optimizer(groups, tc):  # MitigatedAdamW with its foreach path on, off, or by device (None)
+            opt = factory(groups, tc)
+            if isinstance(opt, MitigatedAdamW):
+                opt.foreach = foreach
+            return opt
+
+        self.engine = eng.build_engine(self.model, t, cfg.ds_config, optimizer)
         found = registry.build_plugins(cfg, self.model, self.engine, registry.MITIGATIONS)
         by_name = {p.name: p for p in found}
         self.plugin = SimpleNamespace(  # each mitigation's own state, as the tests read it
@@ -418,6 +434,29 @@ def test_update_norm_clipping_applies_exactly_the_threshold_on_a_spike(ds, one_r
         module = after["module/" + k.removeprefix("master/")]
         assert torch.equal(module, after[k].to(module.dtype)), k
     assert tiny.train(1)[0]["mitig/update_norm_clipped"] == 0
+
+
+@pytest.mark.parametrize("ds", ["zero0_bf16", "zero2_fp16"])
+def test_foreach_and_per_tensor_mitigated_adamw_train_bit_for_bit_alike(ds, one_rank):
+    """MitigatedAdamW's foreach path (the default off the CPU) and its per-tensor one, inside real
+    engines (ZeRO-0 hands it every tensor, ZeRO-2 a flat partition per group) with the three
+    mitigations that act inside the update on, through an lr spike whose update is clipped and a
+    gradient spike that skips a step, tensors clipped all along: the same metrics, weights and moments,
+    bit for bit."""
+    keys = ("trainer.mitigations.update_clip=true", "trainer.mitigations.skip_step_sigma=6",
+            "trainer.mitigations.skip_step_window=8", *UNC)  # fmt: skip
+    runs = [Tiny(ds, *keys, foreach=f) for f in (True, False)]
+    assert [client_optimizer(r.engine).foreach for r in runs] == [True, False]
+    rows = []
+    for r in runs:
+        head = r.train(9)
+        lr_spike(r)
+        rows.append(head + r.train(3, spike_at=(12,)))
+    assert rows[0] == rows[1]
+    acted = {k for row in rows[0] for k, v in row.items() if k.startswith("mitig/") and v}
+    assert {"mitig/skip_step", "mitig/update_clipped_tensors", "mitig/update_norm_clipped"} <= acted, acted
+    s0, s1 = (r.snapshot() for r in runs)
+    assert [k for k in s0 if not torch.equal(s0[k], s1[k])] == []
 
 
 def test_update_norm_clipping_resumes_exactly_and_is_off_by_default(one_rank, tmp_path):
