@@ -81,6 +81,11 @@ class Plugin(Protocol):
     def before_step(self, step: Step) -> None:
         """All micro batches are back-propagated; the optimizer has not stepped yet."""
 
+    def after_update(self, step: Step) -> None:
+        """The optimizer step is done (or skipped), before any plug-in's :meth:`after_step`: what a
+        plug-in set up for this step alone (an injected fault) is still in place, so the step can
+        be run again as it ran (overflow anatomy re-runs an overflowing step)."""
+
     def after_step(self, step: Step) -> None:
         """The optimizer step is done (or skipped, for an overflow)."""
 
@@ -117,6 +122,9 @@ class PluginBase:
         pass
 
     def before_step(self, step: Step) -> None:
+        pass
+
+    def after_update(self, step: Step) -> None:
         pass
 
     def after_step(self, step: Step) -> None:
@@ -171,6 +179,8 @@ class Plugins:
             p.before_step(step)
 
     def after_step(self, step: Step) -> None:
+        for p in self.plugins:
+            p.after_update(step)
         for p in self.plugins:
             p.after_step(step)
 
