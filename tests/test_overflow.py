@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, TINY, assert_ok, ds_config, launch, train_rows
 from dsinstab.instruments.base import Context
@@ -77,11 +78,18 @@ class StepTokens:
 
 
 class Order:
+    """The same blocks every micro batch (:class:`StepTokens` draws the tokens), at a position that
+    moves as the loop's batch order does."""
+
     def __init__(self, micro_batch: int):
-        self.mb = micro_batch
+        self.mb, self.seed, self.position = micro_batch, 0, 0
+
+    def indices_at(self, position: int) -> torch.Tensor:
+        return torch.arange(self.mb)
 
     def next(self) -> torch.Tensor:
-        return torch.arange(self.mb)
+        self.position += 1
+        return self.indices_at(self.position - 1)
 
 
 def lm_step(cfg, engine, plugin, step: int, blow_up_logit_grads: bool = False) -> dict:
@@ -115,14 +123,20 @@ class Switch:
 
 
 def test_a_forward_overflow_is_named_with_its_magnitude_the_step_before():
-    """fp16: a deep module's output pushed past 65504 on step 3 is the one named, in the forward pass,
-    with its max |output| of step 2 as an independent hook saw it."""
+    """fp16: a deep module's output pushed past 65504 on step 3 is the one named, in the forward pass
+    (found by re-running step 3, which no probe traced), with its max |output| of step 2, the
+    headroom probe's step, as an independent hook saw it."""
     fault, seen = Switch(), []
 
     def overflow_up_proj(model):
         model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, a, o: o * 1e5 if fault.on else o)
 
-    cfg, model, engine, plugin = setup("zero2_fp16", before_plugin=overflow_up_proj)
+    cfg, model, engine, plugin = setup(
+        "zero2_fp16",
+        "trainer.diagnostics.every=2",
+        "trainer.diagnostics.probes=headroom",
+        before_plugin=overflow_up_proj,
+    )
     model.model.layers[1].mlp.up_proj.register_forward_hook(
         lambda m, a, o: seen.append(float(o.detach().abs().max())) if torch.is_grad_enabled() else None
     )
@@ -157,7 +171,8 @@ class BlowUpGradient(torch.autograd.Function):
 
 def test_a_backward_overflow_names_the_gradient_that_went_non_finite():
     """fp16: the gradient with respect to ``act_fn``'s output blows up (the forward is untouched):
-    named as that module's ``grad_output`` in the backward pass."""
+    named as that module's ``grad_output`` in the backward pass. No step before was traced (no
+    probe, no earlier overflow): no magnitude before."""
     fault = Switch()
     cfg, model, engine, plugin = setup("zero2_fp16")
     model.model.layers[0].mlp.act_fn.register_forward_hook(  # after the plug-in's own hook
@@ -172,7 +187,70 @@ def test_a_backward_overflow_names_the_gradient_that_went_non_finite():
         "backward",
         "grad_output",
     )
-    assert e["amax_before"] > 0 and e["before_step"] == 1
+    assert e["amax_before"] is None and e["before_step"] is None and e["headroom_before"] is None
+
+
+class CountOps(TorchDispatchMode):
+    """How many aten ops are dispatched while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _run_with_two_overflows(ds: str, locate: bool) -> tuple[list[int], torch.Tensor, list, list[dict]]:
+    """fp16 in ds_config ``ds``, four steps, ``up_proj``'s output past 65504 in steps 2 and 3: the
+    aten ops of each step, then every fp32 master weight and Adam moment, the loss scales (and
+    skipped steps) after each step, and the events."""
+    fault = Switch()
+
+    def overflow_up_proj(model):
+        model.model.layers[1].mlp.up_proj.register_forward_hook(lambda m, a, o: o * 1e5 if fault.on else o)
+
+    cfg, model, engine, plugin = setup(
+        ds, f"trainer.overflow.locate={str(locate).lower()}", before_plugin=overflow_up_proj
+    )
+    ops, events, scales = [], [], []
+    for step in (1, 2, 3, 4):
+        fault.on = step in (2, 3)
+        with CountOps() as count:
+            lm_step(cfg, engine, plugin, step)
+        ops.append(count.n)
+        scales.append((eng.loss_scale(engine), engine.skipped_steps))
+        if plugin.last_event is not None and plugin.last_event["step"] == step:
+            events.append(plugin.last_event)
+    masters = [safe_get_full_fp32_param(p) for p in model.parameters()]
+    moments = [t for s in eng.client_optimizer(engine).state.values() for t in s.values()]  # Adam's
+    assert len(moments) >= 3  # step, exp_avg, exp_avg_sq
+    state = masters + moments
+    return ops, torch.cat([t.detach().float().flatten() for t in state]), scales, events
+
+
+@pytest.mark.parametrize("ds", ["zero2_fp16", "zero3_fp16"])
+def test_locate_costs_no_op_on_a_step_without_overflow_and_leaves_the_run_as_it_was(ds):
+    """``trainer.overflow.locate`` on and off, the same run: steps that do not overflow dispatch at
+    most 2% more aten ops with it on (none: its hooks record nothing there); steps 2 and 3
+    overflow, are re-run traced, and their events name ``up_proj``, step 3's with step 2's
+    magnitude before (the re-run step is traced); and after step 4, which trains, every master
+    weight, Adam moment and the loss scale are bit for bit those of the run with locate off: the
+    re-runs left ZeRO's gradient buffers alone (ZeRO-3: and its partitioned weights)."""
+    on_ops, on_state, on_scales, events = _run_with_two_overflows(ds, True)
+    off_ops, off_state, off_scales, none = _run_with_two_overflows(ds, False)
+    assert none == [] and on_scales == off_scales and on_scales[-1][1] == 2
+    for step in (1, 4):  # the steps without overflow
+        assert on_ops[step - 1] <= 1.02 * off_ops[step - 1], (on_ops, off_ops)
+    assert on_ops[1] > off_ops[1]  # the overflowing step was traced
+    assert torch.equal(on_state, off_state)
+    print(f"aten ops per step, locate on: {on_ops}, off: {off_ops}")
+    assert [(e["step"], e["module"], e["pass"], e["tensor"]) for e in events] == [
+        (s, "model.layers.1.mlp.up_proj", "forward", "output") for s in (2, 3)
+    ]
+    assert events[0]["before_step"] is None and events[1]["before_step"] == 2
+    assert events[1]["amax_before"] in ("inf", "nan") and events[1]["last_finite_step"] is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,16 @@
 """Overflow anatomy: where a step's first inf or nan appeared, and how close each layer runs to fp16's limits.
 
-:class:`TensorWatch` hooks every module of the model. While it records (every step by default), each
-module's output in the forward pass, the gradient with respect to that output, and each
-parameter's gradient are reduced to their min and max on the device, in the order the step
-computes them; nothing is read to the host. The step itself is the evidence: when it overflows
-(an fp16 overflow, or a bf16/fp32 step that DeepSpeed skipped for a non-finite gradient, or a
-non-finite gradient that was applied), the first non-finite entry in that order names the tensor
-where the overflow started, with no second pass over the batch. Its largest magnitude in the step
-before and the loss scale the step ran with go into an ``overflow`` event (see
-``docs/overflow-anatomy.md``).
+:class:`TensorWatch` hooks every module of the model. While it records, each module's output in the
+forward pass, the gradient with respect to that output, and each parameter's gradient are reduced to
+their min and max on the device, in the order the step computes them; the first non-finite entry
+names the tensor where an overflow started. It records no ordinary step: a step DeepSpeed skips
+(every fp16 overflow; bf16/fp32 steps with a non-finite gradient) leaves the weights as they were,
+and :meth:`OverflowAnatomy.recompute` runs it again, traced, right after ``engine.step()``. Where
+DeepSpeed applies a non-finite gradient (fp32 without ZeRO, bf16 with ``check_grad_overflow`` off)
+the step cannot be re-run, and every step is recorded. An ``overflow`` event names the tensor, its
+largest magnitude in the last step recorded before (a ``headroom`` probe step, an earlier overflow,
+or the step before where every step is recorded) and the step's loss scale
+(``docs/overflow-anatomy.md``).
 
 The ``headroom`` probe (``trainer.diagnostics.probes``) reads the same maxima on probe steps, per
 layer, as a fraction of fp16's largest finite value (65504): activations, and gradients times the
@@ -33,6 +35,8 @@ import torch
 from dsinstab.instruments.base import Context, Instrument, probe_names
 from dsinstab.instruments.layers import layer_of, layer_order
 from dsinstab.run import engine as eng
+from dsinstab.run import lowp
+from dsinstab.run.model import lm_loss
 from dsinstab.run.plugins import Step, world_size
 from dsinstab.run.tracking import json_safe
 
@@ -66,7 +70,8 @@ class TensorWatch:
     min, max) in execution order: forward hooks fire as each module finishes, tensor hooks as each
     gradient is complete. A wrapper that returns its last child's output unchanged (an MLP returning
     ``down_proj``'s output) adds nothing: the child already did. Forward passes without grad
-    (evaluation) are not recorded.
+    (evaluation) are not recorded. The hooks stay registered from the start, so that they keep
+    their place among the model's other hooks, and run no tensor op while not recording.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -99,10 +104,8 @@ class TensorWatch:
         return len(self.slots) - 1
 
     def _clear(self) -> None:
-        self.ids: list[int] = []
-        self.micro: list[int] = []
-        self.lo: list[torch.Tensor] = []
-        self.hi: list[torch.Tensor] = []
+        # slot, micro batch, min and max of each entry
+        self.ids, self.micro, self.lo, self.hi = [], [], [], []
         self.under: list[tuple[int, torch.Tensor, int]] = []  # (slot, elements below, elements)
         self.micro_batch = -1
         self._last = None
@@ -120,10 +123,6 @@ class TensorWatch:
             record = StepRecord(list(self.ids), list(self.micro), mag, list(self.under))
         self._clear()
         return record
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
     def _note(self, slot: int, t: torch.Tensor) -> None:
         lo, hi = torch.aminmax(t.detach())  # one pass, no temporary: cheaper than abs().amax()
@@ -248,6 +247,9 @@ class OverflowAnatomy(Instrument):
         # gradients as fp16 would hold them: already times the loss scale in an fp16 run
         self.assumed_scale = None if self.fp16 else tc.overflow.assumed_loss_scale
         self.skips = skips_nonfinite_steps(engine)
+        # trace every step only where an overflowing step cannot be run again: its update was applied
+        self.every_step = self.locate and not self.skips
+        self.run, self.compute = None, None
         self.watch = TensorWatch(model)
         self.slots = self.watch.slots
         n, device = len(self.slots), engine.device
@@ -256,12 +258,10 @@ class OverflowAnatomy(Instrument):
         self.last_finite = torch.full((n,), -1.0, device=device)
         self.last_finite_step = torch.zeros(n, device=device)
         self.groups = sorted({s.group for s in self.slots}, key=layer_order)
+        gi, other = self.groups.index, len(self.groups)  # other: the group of the other pass's slots
         self.group_of = {
-            kind: torch.tensor(
-                [self.groups.index(s.group) if s.pass_ == kind else len(self.groups) for s in self.slots],
-                device=device,
-            )
-            for kind in ("forward", "backward")
+            k: torch.tensor([gi(s.group) if s.pass_ == k else other for s in self.slots], device=device)
+            for k in ("forward", "backward")
         }
         self.step, self.scale, self.probe, self.record, self.step_max = 0, None, False, None, None
         self.blocks: list = []
@@ -274,13 +274,16 @@ class OverflowAnatomy(Instrument):
         return tc.overflow.locate or (bool(tc.diagnostics.every) and "headroom" in probe_names(cfg))
 
     def bind(self, run) -> None:
-        self.sink = run.sink
+        self.sink, self.run = run.sink, run
+        if self.locate and not self.every_step:  # the loop's own (on every rank: may agree across ranks)
+            self.compute = lowp.compute_context(self.engine, run.cfg.utils.cpu_compute)
 
     def begin_step(self, step: Step) -> None:
         self.step = step.number
         self.probe = bool(self.every) and step.number % self.every == 0
         self.scale = eng.loss_scale(self.engine)  # the scale this step's backward multiplies by
-        if self.locate or self.probe:
+        self.record = None
+        if self.every_step or self.probe:
             self.watch.start(FP16_TINY / self.grad_scale if self.probe else None)
 
     @property
@@ -288,8 +291,45 @@ class OverflowAnatomy(Instrument):
         """What turns a gradient of this run into the one fp16 would hold."""
         return 1.0 if self.fp16 else float(self.assumed_scale)
 
-    def after_step(self, step: Step) -> None:
-        self.record, self.blocks = self.watch.stop(), step.blocks
+    def after_update(self, step: Step) -> None:
+        """The step's record: its own where it was traced, else, where DeepSpeed skipped it (a flag
+        that is the same on every rank), the recomputed step's; else none."""
+        self.blocks = step.blocks
+        if self.watch.recording:
+            self.record = self.watch.stop()
+        elif self.locate and eng.overflowed(self.engine) and self.run is not None:
+            self.record = self.recompute(step.blocks)
+
+    def recompute(self, blocks: list[list[int]]) -> StepRecord | None:
+        """The skipped step again, traced: its micro batches (``blocks``) through the model with the
+        weights it ran with, in the loop's compute context, the loss scaled as ``engine.backward``
+        scales it (over the accumulation steps, times the step's loss scale), gradients by
+        ``torch.autograd.grad``. The model is called itself, not the engine, whose output hooks
+        would start a DeepSpeed backward; ``autograd.grad`` neither fills ``.grad`` nor fires the
+        post-accumulate hooks ZeRO reduces gradients in, so its buffers never see this pass (ZeRO-3's
+        module hooks gather the partitioned weights as in the step: every rank re-runs its own
+        micro batches, the same all-gathers in the same order). Dropout is off (``build_model``):
+        the pass is the step's own, op for op."""
+        engine, run = self.engine, self.run
+        model, gas = engine.module, engine.gradient_accumulation_steps()
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.watch.start()
+        try:
+            for indices in blocks:
+                batch = run.data.blocks("train", torch.tensor(indices)).to(engine.device)
+                with self.compute, torch.enable_grad():
+                    logits = model(input_ids=batch[:, :-1]).logits
+                    loss, _ = lm_loss(logits, batch[:, 1:], run.cfg.trainer.z_loss)
+                    if self.scale is None:
+                        loss = loss / gas
+                    elif engine.zero_optimization():  # ZeRO: scale_if_loss after the division
+                        loss = loss / gas * self.scale
+                    else:  # run/engine.py scales before engine.backward divides
+                        loss = loss.float() * self.scale / gas
+                    torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            record = self.watch.stop()
+        return record
 
     def readings(self, step: Step) -> dict:
         """Where DeepSpeed does not skip non-finite steps, whether this rank saw one (reduced with
@@ -298,7 +338,7 @@ class OverflowAnatomy(Instrument):
             return {}
         self.step_max = self.record.slot_max(len(self.slots), self._device_ids(self.record.ids))
         out = {}
-        if self.locate and not self.skips:
+        if self.every_step and not self.skips:
             out["nonfinite"] = ((~torch.isfinite(self.record.mag)).any().float(), "max")
         if self.probe:
             maxima, share = self._headroom_readings(self.record, self.step_max)
