@@ -57,10 +57,10 @@ calls = []
 signal.signal(signal.SIGTERM, lambda *a: calls.append("mine"))
 real_step = loop.train_step
 
-def failing_step(run, step, ctx):
+def failing_step(run, step, ctx, batches=None):
     if run.step == 2:
         raise RuntimeError("the disk went away")
-    return real_step(run, step, ctx)
+    return real_step(run, step, ctx, batches)
 
 loop.train_step = failing_step
 try:
@@ -122,10 +122,10 @@ from dsinstab.run import loop
 
 real_step = loop.train_step
 
-def failing_step(run, step, ctx):
+def failing_step(run, step, ctx, batches=None):
     if run.rank == 1 and run.step == 2:
         raise RuntimeError("the disk of rank 1 went away")
-    return real_step(run, step, ctx)
+    return real_step(run, step, ctx, batches)
 
 loop.train_step = failing_step
 cli.main()
@@ -196,3 +196,47 @@ def test_progress_lines_come_every_interval_and_once_at_the_end():
     bar.close()
     bar.close()  # closing twice writes nothing more
     assert "".join(out).splitlines()[2:] == ["step 30/100 (30%)  0.25 steps/s  loss=1.000"]
+
+
+# Logging made slow (LOG_S a logged step) and evaluation slower (EVAL_S); steps take milliseconds.
+SLOW_LOGS = """
+import sys, time
+sys.path.insert(0, {root!r})
+from dsinstab.commands import train as cli
+from dsinstab.run import loop, tracking
+
+log, log_eval = tracking.LocalSink.log, loop.log_eval
+
+def slow_log(self, step, metrics):
+    time.sleep(LOG_S)
+    log(self, step, metrics)
+
+def slow_eval(run, ctx):
+    time.sleep(EVAL_S)
+    log_eval(run, ctx)
+
+LOG_S, EVAL_S = {log_s}, {eval_s}
+tracking.LocalSink.log, loop.log_eval = slow_log, slow_eval
+sys.exit(cli.main({argv!r}))
+"""
+
+
+def test_tokens_per_s_counts_all_of_each_step_but_evaluation(tmp_path, cache_dir):
+    log_s, eval_s, tokens = 0.2, 2.0, 4 * 64  # micro batch x seq_len of conftest.TINY, one rank
+    out = tmp_path / "runs"
+    sets = [
+        *TINY,
+        "trainer.max_steps=5",
+        "trainer.log_every=1",
+        "trainer.eval_every=2",
+        "trainer.checkpoint_every=0",
+    ]
+    argv = ["--set", *sets, f"utils.output_dir={out}", f"utils.cache_dir={cache_dir}", "utils.run_name=t"]
+    script = textwrap.dedent(SLOW_LOGS).format(root=str(ROOT), argv=argv, log_s=log_s, eval_s=eval_s)
+    assert_ok(run_cmd([sys.executable, "-c", script], 300, env_=env()))
+    rate = {r["step"]: r["train/tokens_per_s"] for r in train_rows(out / "t")}
+    assert sorted(rate) == [1, 2, 3, 4, 5]
+    for step in (2, 3, 4, 5):  # each window holds the logging of the step before
+        assert rate[step] <= tokens / log_s, rate
+    for step in (3, 5):  # ... and not the evaluation of the step before (steps 2 and 4)
+        assert rate[step] > tokens / (log_s + 0.5 * eval_s), rate

@@ -1,4 +1,4 @@
-"""Tokenize + pack into fixed blocks, the on-disk cache, the batch order.
+"""Tokenize + pack into fixed blocks, the on-disk cache, the batch order, the batches read ahead.
 
 Preparation holds neither the corpus nor the blocks in memory: documents are streamed (plain reads;
 the pages of a memory map would stay in the resident set), tokenized by ``dataset.num_proc``
@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -371,3 +372,56 @@ class BatchOrder:
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
         self.seed = int(state.get("seed", self.seed))  # checkpoints before reseed() kept no seed
+
+
+class MicroBatch(NamedTuple):
+    indices: torch.Tensor  # the blocks' indices, on the host (a slice of the order's permutation)
+    host: torch.Tensor  # the blocks as read (pinned on CUDA), kept until the copy is taken
+    batch: torch.Tensor  # the blocks on the device
+
+
+class Batches:
+    """The training micro batches as the loop takes them: :class:`BatchOrder`'s blocks, on the device.
+
+    :meth:`prefetch` reads the next ``ahead`` micro batches early (the loop calls it once a step's
+    work is queued, before the step's one host sync, so on a GPU the read overlaps the device's
+    work), each kept under the ``(seed, position)`` it was read for. :meth:`next` uses one only if
+    the order is still there: a branch's skip or reshuffle, a rollback or a restore move the order,
+    and the read is then fresh. What a micro batch holds is thus a function of the order alone, as
+    without prefetch, and the order moves only as batches are taken, so a checkpoint holds the
+    same position and a resumed run reads the same blocks.
+    """
+
+    def __init__(self, data: PackedData, order: BatchOrder, device, ahead: int = 0):
+        self.data, self.order, self.device, self.ahead = data, order, torch.device(device), ahead
+        # page-locked on CUDA: a copy from pageable memory waits for the stream to drain, a host
+        # sync per micro batch. (torch's pinning: its caching host allocator reuses the blocks,
+        # where DeepSpeed's pin_memory would count every step's as newly pinned.)
+        self.pin = self.device.type == "cuda"
+        self.read_ahead: dict[tuple[int, int], MicroBatch] = {}
+        self.taken_ahead = 0  # micro batches taken from what was read ahead
+
+    def next(self) -> MicroBatch:
+        """The next micro batch; moves the order on by one."""
+        got = self.read_ahead.pop((self.order.seed, self.order.position), None) if self.read_ahead else None
+        if got is None:
+            self.read_ahead.clear()  # read for where the order no longer is
+            return self._read(self.order.next())
+        self.order.position += 1
+        self.taken_ahead += 1
+        return got
+
+    def prefetch(self) -> None:
+        """Read the next ``ahead`` micro batches now, and start their copies to the device."""
+        if not self.ahead:
+            return
+        seed, position = self.order.seed, self.order.position
+        for p in range(position, position + self.ahead):
+            if (seed, p) not in self.read_ahead:
+                self.read_ahead[(seed, p)] = self._read(self.order.indices_at(p))
+
+    def _read(self, indices: torch.Tensor) -> MicroBatch:
+        host = self.data.blocks("train", indices)
+        if self.pin:
+            host = host.pin_memory()
+        return MicroBatch(indices, host, host.to(self.device, non_blocking=True))

@@ -12,9 +12,11 @@ import resource
 import signal
 import sys
 import time
+from contextlib import contextmanager
 
 import deepspeed.comm as dist
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.fp16.loss_scaler import MIN_LOSS_SCALE
 from tqdm import tqdm
 
@@ -22,6 +24,7 @@ from dsinstab.run import engine as eng
 from dsinstab.run import lowp
 from dsinstab.run.actions import on_firings, on_min_loss_scale
 from dsinstab.run.checkpoint import CheckpointWriteError, write_atomic
+from dsinstab.run.data import Batches
 from dsinstab.run.evaluate import evaluate
 from dsinstab.run.model import lm_loss
 from dsinstab.run.plugins import Readings, Step
@@ -41,16 +44,16 @@ class LossScaleAtMinimum(RuntimeError):
 # The step
 
 
-def train_step(run: Run, step: Step, ctx) -> None:
+def train_step(run: Run, step: Step, ctx, batches: Batches | None = None) -> None:
     """One optimizer step over ``gradient_accumulation_steps`` micro batches, filling in ``step``:
     its blocks, this rank's mean (loss, z-loss) and the global grad norm, all left on the device.
     The plug-ins see the logits, and the model just before and after the optimizer step."""
     engine, gas, plugins = run.engine, run.cfg.trainer.gradient_accumulation_steps, run.plugins
+    batches = batches or Batches(run.data, run.order, engine.device)
     total = torch.zeros(2, device=engine.device)
     for micro in range(gas):
-        indices = run.order.next()
+        indices, _, batch = batches.next()
         step.blocks.append(indices.tolist())
-        batch = run.data.blocks("train", indices).to(engine.device, non_blocking=True)
         with ctx:
             logits = engine(input_ids=batch[:, :-1]).logits
             plugins.observe_logits(logits)
@@ -66,6 +69,7 @@ def train_step(run: Run, step: Step, ctx) -> None:
     if step.grad_norm is None:
         step.grad_norm = eng.reported_grad_norm(engine)
     plugins.after_step(step)
+    batches.prefetch()  # the next step's batches, read while the device works on this one
 
 
 def step_engine(engine) -> None:
@@ -98,13 +102,13 @@ def at_loss_scale_floor(engine) -> float | None:
     return scale if scale <= minimum and (left is None or left <= 1) else None
 
 
-def advance(run: Run, ctx) -> tuple[Step, dict, bool]:
+def advance(run: Run, ctx, batches: Batches | None = None) -> tuple[Step, dict, bool]:
     """Train one step and read it: the step record with its reduced values, the plug-ins' metrics,
     and whether any rank was asked to stop. One host copy for the loop's values and every
-    plug-in's readings together."""
+    plug-in's readings together. ``batches``: the loop's, which reads ahead (default: none ahead)."""
     step = Step(number=run.step + 1, lr=eng.current_lr(run.engine))
     run.plugins.begin_step(step)
-    train_step(run, step, ctx)
+    train_step(run, step, ctx, batches)
     losses = step.losses
     stop = torch.full((), float(run.stop_requested), device=losses.device)
     own: Readings = {
@@ -181,38 +185,39 @@ def _steps(run: Run, ctx, last: int, bar) -> RunEnd:
     """The steps from ``run.step`` to ``last``; how the run ends."""
     t = run.cfg.trainer
     tokens_per_step = t.micro_batch_size * t.gradient_accumulation_steps * run.world * run.cfg.model.seq_len
-    window_time, window_tokens = 0.0, 0
+    batches = Batches(run.data, run.order, run.engine.device, ahead=t.gradient_accumulation_steps)
     if run.step == 0:
         log_eval(run, ctx)
+    clock = Throughput()
     while run.step < last:
-        t0 = time.perf_counter()
         try:
-            step, metrics, stop = advance(run, ctx)
+            step, metrics, stop = advance(run, ctx, batches)
         except LossScaleAtMinimum as e:
             return on_min_loss_scale(run, run.step + 1, str(e))
-        window_time += time.perf_counter() - t0
-        window_tokens += tokens_per_step
+        clock.tokens += tokens_per_step
         n = step.number
         run.step, run.tokens_seen = n, run.tokens_seen + tokens_per_step
         run.history.append({"step": n, **{k: v for k, v in metrics.items() if k.startswith(EVERY_STEP)}})
         if n % t.log_every == 0 or n == last or not all(k.startswith(EVERY_STEP) for k in metrics):
-            metrics["train/tokens_per_s"] = window_tokens / max(window_time, 1e-9)
+            metrics["train/tokens_per_s"] = clock.rate()
             run.sink.log(n, metrics)
-            window_time, window_tokens = 0.0, 0
         scale = step.loss_scale
         bar.set_postfix(loss=f"{step.loss:.3f}", **({"scale": f"{scale:g}"} if scale is not None else {}))
         bar.update(1)
         if n % t.eval_every == 0 or n == last:
-            log_eval(run, ctx)
+            with clock.paused():
+                log_eval(run, ctx)
         firings = run.plugins.firings(step)
         if firings:
-            end = on_firings(run, step, firings)
+            with clock.paused():  # what follows a firing saves or loads checkpoints
+                end = on_firings(run, step, firings)
             if end is not None:
                 return end
         rolled_back = run.step != n  # the state is a checkpoint's again: nothing new to save
         periodic = bool(t.checkpoint_every) and n % t.checkpoint_every == 0
         if (periodic or stop) and not rolled_back:
-            save(run, f"step-{n}")
+            with clock.paused():
+                save(run, f"step-{n}")
         if stop:
             bar.close()
             run.say(
@@ -221,6 +226,31 @@ def _steps(run: Run, ctx, last: int, bar) -> RunEnd:
             )
             return RunEnd.interrupted
     return RunEnd.finished
+
+
+class Throughput:
+    """``train/tokens_per_s``: the training tokens since the last logged step over the wall time
+    they took, all of each step counted (the reduction, the plug-ins, logging, the bar) but
+    evaluation and checkpoints (:meth:`paused`). The clock is read once the device has done the
+    work queued so far: a synchronise on logged steps only, so no other step waits for it."""
+
+    def __init__(self):
+        self.tokens, self.left_out, self.start = 0, 0.0, time.perf_counter()
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.left_out += time.perf_counter() - t0
+
+    def rate(self) -> float:
+        get_accelerator().synchronize()
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start - self.left_out, 1e-9)
+        self.tokens, self.left_out, self.start = 0, 0.0, now
+        return rate
 
 
 def precision_metrics(engine, scale: float | None) -> dict:
