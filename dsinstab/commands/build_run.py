@@ -93,7 +93,10 @@ def build_parts(cfg: RunConfig, args: argparse.Namespace, rank: int, world: int,
     )  # trainer.inject: repeat|random
     model = build_model(m, cfg.dataset.vocab_size, data.eos_id, t.seed)
     n_params = count_parameters(model)  # before ZeRO-3 partitions the parameters away
-    engine = build_engine(model, t, cfg.ds_config, registry.optimizer_for(cfg))
+    compile_backend = m.compile_backend if m.compile else None  # model.compile
+    engine = build_engine(
+        model, t, cfg.ds_config, registry.optimizer_for(cfg), compile_backend=compile_backend
+    )
     layout = data_layout(cfg, world, Path(data.cache_path).name)
     checkpointer = Checkpointer(engine, run_dir, t.keep_checkpoints, rank == 0, layout)
     tag = checkpointer.resolve(args.resume) if args.resume else None  # refuses a changed data layout
@@ -101,6 +104,7 @@ def build_parts(cfg: RunConfig, args: argparse.Namespace, rank: int, world: int,
     say(
         f"model: {m.arch}, {n_params / 1e6:.2f}M parameters; {precision(cfg.ds_config)}, "
         f"ZeRO-{zero_stage(cfg.ds_config)}, {world} rank(s)"
+        + (f"; compiled ({m.compile_backend})" if m.compile else "")
     )
     say(f"data: {len(data.train)} train / {len(data.validation)} validation blocks of {m.seq_len + 1} tokens")
     return Parts(run_dir, data, order, model, engine, checkpointer, tag, source)

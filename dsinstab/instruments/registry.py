@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dsinstab.instruments.base import Context, Instrument, Probe, probe_names
+from dsinstab.instruments.base import Context, Instrument, Probe, config_value, probe_names
 from dsinstab.instruments.inject import InjectedFault
 from dsinstab.instruments.mitigations.qk_clip import QKClipPlugin
 from dsinstab.instruments.mitigations.skip_step import SkipStepPlugin
@@ -47,6 +47,14 @@ INSTRUMENTS: list[type[Instrument]] = [
     *MITIGATIONS,
 ]
 OTHER_PROBES = ("headroom",)  # probe names served by an instrument that is not a Probe
+# what hooks into the model's modules (forward hooks, the recording attention): model.compile traces
+# the modules before the instruments are built, and a hook added after that never runs
+HOOKS_MODEL: tuple[type[Instrument], ...] = (
+    AttentionLogitProbe,
+    ActivationProbe,
+    OverflowAnatomy,
+    QKClipPlugin,
+)
 
 
 def probes(registry: list[type[Instrument]] | None = None) -> list[str]:
@@ -70,11 +78,41 @@ def check(cfg: RunConfig, registry: list[type[Instrument]] | None = None) -> Non
         raise ConfigError(
             f"{where}: trainer.diagnostics.probes has unknown {unknown[0]!r}; allowed: {', '.join(allowed)}."
         )
+    if cfg.model.compile:
+        check_compile(cfg, registry)
     for c in wanted(cfg, registry):
         refusal = c.refusal(cfg)
         if refusal is not None:
             source = cfg.ds_config_path if refusal.in_ds_config else where
             raise ConfigError(f"{source}: {c.key} {refusal.text}")
+
+
+def check_compile(cfg: RunConfig, registry: list[type[Instrument]] | None = None) -> None:
+    """Refuse, in one sentence, ``model.compile`` with a backend this machine cannot build, or with a
+    wanted instrument that hooks into the model's modules (:data:`HOOKS_MODEL`)."""
+    sources = getattr(cfg, "sources", {})
+    where, model_where = sources.get("trainer", "trainer.yaml"), sources.get("model", "model.yaml")
+    why = eng.compile_refusal(cfg.model.compile_backend)
+    if why is not None:
+        raise ConfigError(f"{model_where}: model.compile_backend {why}")
+    hooked = {c.name for c in HOOKS_MODEL if issubclass(c, Probe)} | set(OTHER_PROBES)
+    allowed = ", ".join(p for p in probes(registry) if p not in hooked)
+    for c in wanted(cfg, registry):
+        if not issubclass(c, HOOKS_MODEL):
+            continue
+        if issubclass(c, Probe) or (c is OverflowAnatomy and not cfg.trainer.overflow.locate):
+            name = c.name if issubclass(c, Probe) else "headroom"
+            what, fix = (
+                f"trainer.diagnostics.probes {name}",
+                f"drop it (probes with model.compile: {allowed})",
+            )
+        else:
+            off = "false" if isinstance(config_value(cfg, c.key), bool) else "0"
+            what, fix = c.key, f"set it {off}"
+        raise ConfigError(
+            f"{where}: {what} hooks into the model's modules, which model.compile ({model_where}) traces "
+            f"once without its hooks; {fix}, or set model.compile false."
+        )
 
 
 def optimizer_for(cfg: RunConfig, registry: list[type[Instrument]] | None = None) -> eng.OptimizerFactory:

@@ -185,6 +185,15 @@ class ModelConfig:
     logit_softcap: float = param(
         0.0, "Gemma 2: output logits become c * tanh(logit / c) (0 = off; 30 in Gemma 2)", ge=0
     )
+    compile: bool = param(
+        False,
+        "torch.compile the model (DeepSpeed's engine.compile); refuses the plug-ins that hook into its modules",
+    )
+    compile_backend: str = param(
+        "inductor",
+        "model.compile's backend (inductor: generated kernels, a C++ compiler on a CPU; aot_eager, eager: none generated, quick checks)",
+        choices=("inductor", "aot_eager", "eager"),
+    )
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Callable
 
 import deepspeed
@@ -58,10 +60,15 @@ def build_engine(
     ds_config: dict,
     optimizer: OptimizerFactory = adamw,
     correct_faults: bool = True,
+    compile_backend: str | None = None,
 ):
     """The DeepSpeed engine, with ``optimizer`` (torch's AdamW unless a mitigation brings its own,
     see ``dsinstab.instruments.registry.optimizer_for``) and transformers' warmup + cosine schedule,
     and DeepSpeed 0.19.8's faults corrected (:func:`correct_deepspeed_faults`; ``False`` shows them).
+    With ``compile_backend`` (``model.compile``) the model is compiled with it by DeepSpeed's
+    ``engine.compile``: ``torch.compile`` of the module in place, so its parameters keep their
+    names and checkpoints their keys; a forward hook added to a submodule after that never runs
+    (dynamo traced the modules without it), hence ``dsinstab.instruments.registry.check``'s refusals.
 
     The engine steps the schedule only on applied steps, so an fp16 overflow does not advance it.
     """
@@ -79,7 +86,21 @@ def build_engine(
     )
     if correct_faults:
         correct_deepspeed_faults(engine)
+    if compile_backend:
+        engine.compile(backend=compile_backend)
     return engine
+
+
+def compile_refusal(backend: str) -> str | None:
+    """Why ``model.compile`` cannot use ``backend`` here, as the end of a sentence naming the key;
+    ``None`` when it can. Inductor writes C++ for a CPU and builds it with ``$CXX`` (g++ unless set)."""
+    cxx = os.environ.get("CXX", "g++")
+    if backend == "inductor" and get_accelerator().device_name() == "cpu" and not shutil.which(cxx):
+        return (
+            f"inductor needs a C++ compiler on a CPU and {cxx} is not on PATH; install one, set CXX, "
+            "or use model.compile_backend aot_eager or eager."
+        )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
