@@ -47,8 +47,9 @@ INSTRUMENTS: list[type[Instrument]] = [
     *MITIGATIONS,
 ]
 OTHER_PROBES = ("headroom",)  # probe names served by an instrument that is not a Probe
-# what hooks into the model's modules (forward hooks, the recording attention): model.compile traces
-# the modules before the instruments are built, and a hook added after that never runs
+# what hooks into the model's modules (forward hooks, the recording attention), which model.compile
+# cannot promise to run: dynamo traces the hooks it finds once and may miss one added later
+# (dsinstab.run.engine.build_engine)
 HOOKS_MODEL: tuple[type[Instrument], ...] = (
     AttentionLogitProbe,
     ActivationProbe,

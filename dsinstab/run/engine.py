@@ -67,8 +67,11 @@ def build_engine(
     and DeepSpeed 0.19.8's faults corrected (:func:`correct_deepspeed_faults`; ``False`` shows them).
     With ``compile_backend`` (``model.compile``) the model is compiled with it by DeepSpeed's
     ``engine.compile``: ``torch.compile`` of the module in place, so its parameters keep their
-    names and checkpoints their keys; a forward hook added to a submodule after that never runs
-    (dynamo traced the modules without it), hence ``dsinstab.instruments.registry.check``'s refusals.
+    names and checkpoints their keys. Module hooks and compile do not mix reliably: dynamo traces
+    the hooks it finds at the first forward, turns the Python state they read into guards (a
+    recompile when it changes) and may never see one added later (measured, torch 2.13: a forward
+    hook added to a block without hooks after the first compiled forward never ran), hence
+    ``dsinstab.instruments.registry.check_compile``'s refusals.
 
     The engine steps the schedule only on applied steps, so an fp16 overflow does not advance it.
     """
