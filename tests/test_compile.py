@@ -111,7 +111,9 @@ def refusal(*overrides: str) -> str:
 )
 def test_the_plugins_that_hook_into_the_model_are_refused_with_compile(overrides, key):
     message = refusal(*COMPILE, *overrides)
-    assert message.startswith(f"--set: {key} hooks into the model's modules, which model.compile (--set)")
+    assert message.startswith(
+        f"--set: {key} hooks into the model's modules, and model.compile (--set) cannot"
+    )
     assert message.endswith("or set model.compile false.")
     if "probes" in key:
         assert "(probes with model.compile: out_logits, layer_norms, adam)" in message
@@ -145,8 +147,8 @@ def test_compile_with_overflow_locate_on_is_refused_before_anything_is_written(t
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [
-        "error: --set: trainer.overflow.locate hooks into the model's modules, which model.compile (--set) "
-        "traces once without its hooks; set it false, or set model.compile false."
+        "error: --set: trainer.overflow.locate hooks into the model's modules, and model.compile (--set) "
+        "cannot promise to run such hooks; set it false, or set model.compile false."
     ], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())

@@ -111,8 +111,8 @@ def check_compile(cfg: RunConfig, registry: list[type[Instrument]] | None = None
             off = "false" if isinstance(config_value(cfg, c.key), bool) else "0"
             what, fix = c.key, f"set it {off}"
         raise ConfigError(
-            f"{where}: {what} hooks into the model's modules, which model.compile ({model_where}) traces "
-            f"once without its hooks; {fix}, or set model.compile false."
+            f"{where}: {what} hooks into the model's modules, and model.compile ({model_where}) cannot "
+            f"promise to run such hooks; {fix}, or set model.compile false."
         )
 
 
