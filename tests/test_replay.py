@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, assert_ok, python_train, run_cmd
+from conftest import ROOT, TINY, assert_ok, free_port, python_train, run_cmd
 from dsinstab.commands import replay
 from dsinstab.reports import forensics
 from dsinstab.reports.report import report_command
 from dsinstab.reports.run_data import load_run
 from dsinstab.run.config import load_config, to_yaml
 from dsinstab.run.ds_config import read_ds_config, resolve_ds_config
+from dsinstab.run.tracking import read_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # What moved first, on a made-up run whose answer is known
@@ -68,24 +71,28 @@ def test_what_moved_first_names_the_series_that_left_its_band_first_and_its_lead
 # Refusals: one sentence, exit 2, nothing written
 
 
-@pytest.fixture
-def fp16_run(tmp_path):
-    """A run directory as an fp16 run leaves it, with one complete checkpoint (step-6)."""
-    from dsinstab.run.checkpoint import Checkpointer
+def checkpointed_run(folder, ranks: int = 1):
+    """A run directory as an fp16 run of ``ranks`` ranks leaves it, with one complete checkpoint (step-6)."""
+    from dsinstab.run.checkpoint import RANKS, Checkpointer
 
     cfg = load_config(ROOT / "configs", TINY)
     ds = ROOT / "ds_configs" / "zero2_fp16.json"
-    cfg.ds_config, _ = resolve_ds_config(read_ds_config(ds), ds, cfg, 1)
-    run = tmp_path / "runs" / "r"
+    cfg.ds_config, _ = resolve_ds_config(read_ds_config(ds), ds, cfg, ranks)
+    run = folder / "runs" / "r"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
     (run / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "train/loss": 5.0}) + "\n" for s in range(1, 13))
     )
-    ck = Checkpointer(None, run, 1, True, {"the number of ranks": 1})
+    ck = Checkpointer(None, run, 1, True, {RANKS: ranks})
     (ck.dir / "step-6").mkdir(parents=True)
     assert ck.commit("step-6", 6) is None
     return run
+
+
+@pytest.fixture
+def fp16_run(tmp_path):
+    return checkpointed_run(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -132,6 +139,134 @@ def test_a_spike_before_every_checkpoint_is_refused(fp16_run, capsys):
         == f"error: --at 6: {fp16_run / 'checkpoints'} holds no complete checkpoint before step 6; have: step-6."
     )
     assert sorted(p.name for p in fp16_run.parent.iterdir()) == ["r"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The branches of a run of several nodes, as launcher commands
+
+
+def test_emitted_commands_launch_each_branch_on_the_nodes_of_the_hostfile(tmp_path, capsys):
+    run = checkpointed_run(tmp_path, ranks=16)  # 2 nodes x 8 GPUs
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the run's nodes\nnode1 slots=8\nnode2 slots=8\nnode3 slots=8\n")
+    out = tmp_path / "out"
+    argv = [str(run), "--at", "10", "--window", "2", "--intervene", "skip", "--out", str(out)]
+    assert replay.main([*argv, "--emit", "commands", "--hostfile", str(hostfile)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    lines = [ln for ln in printed if not ln.startswith("#")]
+    assert lines == (out / "commands.txt").read_text().splitlines()
+    assert len(lines) == 2  # plain and skip
+    for line, name in zip(lines, ("plain", "skip"), strict=True):
+        cd, _, cmd = line.partition(" && ")
+        assert cd == f"cd {shlex.quote(str(Path.cwd()))}"  # where the paths of the run's config hold
+        words = shlex.split(cmd)
+        assert words[0].endswith("deepspeed")
+        launcher = words[1 : words.index(str(ROOT / "scripts" / "train.py"))]
+        assert launcher == [
+            "--hostfile",
+            str(hostfile),
+            "--num_nodes",
+            "2",
+            "--num_gpus",
+            "8",
+            "--master_port",
+            "29500",
+        ]
+        assert f"utils.run_name={name}" in words and f"utils.output_dir={out}" in words
+        assert words[words.index("--branch") + 1] == str(run / "checkpoints" / "step-6")
+    assert "--intervene" in shlex.split(lines[1]) and "skip=7-10" in shlex.split(lines[1])
+    assert printed[-1] == "# once they have run, the report: " + shlex.join(
+        [sys.executable, str(ROOT / "scripts" / "replay.py"), *argv, "--hostfile", str(hostfile)]
+    )
+    assert (out / "source.yaml").exists() and (out / "ds_config-fp16.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, sentence",
+    [
+        (
+            ["--num_nodes", "2"],
+            "--num_nodes 2: several nodes need --hostfile H (each node and its slots, as DeepSpeed's launcher reads it).",
+        ),
+        (
+            ["--hostfile", "{h}", "--num_nodes", "3"],
+            "--hostfile {h}: the run has 16 rank(s), not --num_nodes 3 x --num_gpus 8 (the first host's slots); give --num_nodes and --num_gpus whose product is 16.",
+        ),
+        (
+            ["--hostfile", "{h}", "--num_nodes", "4", "--num_gpus", "4"],
+            "--hostfile {h}: 4 node(s) of 4 slot(s) wanted; it has node1 slots=8, node2 slots=4.",
+        ),
+        (
+            ["--hostfile", "{h}-missing"],
+            "--hostfile {h}-missing: cannot be read (No such file or directory).",
+        ),
+    ],
+)
+def test_a_launch_that_cannot_run_the_checkpoints_ranks_is_refused_before_anything_is_written(
+    tmp_path, capsys, args, sentence
+):
+    run = checkpointed_run(tmp_path, ranks=16)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=8\nnode2 slots=4\n")
+    args = [a.format(h=hostfile) for a in args]
+    out = tmp_path / "out"
+    assert replay.main([str(run), "--at", "10", "--out", str(out), "--emit", "commands", *args]) == 2
+    assert capsys.readouterr().err.strip() == "error: " + sentence.format(h=hostfile)
+    assert not out.exists()
+
+
+@pytest.mark.slow  # four processes and DeepSpeed's launcher: about 35 s on 2 idle cores
+def test_an_emitted_branch_command_makes_the_branch_the_plain_replay_makes(tmp_path, cache_dir):
+    """The emitted command of a one-rank run's plain replay, through DeepSpeed's launcher on a
+    hostfile of this machine alone, run here: the same branch as ``replay.py`` itself runs."""
+    proc = python_train(
+        "--set",
+        *TINY,
+        "trainer.max_steps=8",
+        "trainer.checkpoint_every=4",
+        f"utils.output_dir={tmp_path / 'runs'}",
+        f"utils.cache_dir={cache_dir}",
+        "utils.run_name=src",
+    )
+    assert_ok(proc)
+    run, hostfile = tmp_path / "runs" / "src", tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    replay_py = [sys.executable, str(ROOT / "scripts" / "replay.py"), str(run), "--at", "6", "--window", "1"]
+    launch = ["--hostfile", str(hostfile), "--master_addr", "127.0.0.1", f"--master_port={free_port()}"]
+    launch += ["--launcher_args=--no_ssh_check"]  # no ssh to this machine: DeepSpeed's check would fail
+    emitted = run_cmd([*replay_py, "--out", str(tmp_path / "a"), "--emit", "commands", *launch], 120)
+    assert_ok(emitted)
+    (line,) = [ln for ln in emitted.stdout.splitlines() if not ln.startswith("#")]
+    assert " --hostfile " in line and " --num_nodes 1 --num_gpus 1 " in line
+    assert_ok(run_cmd(["bash", "-c", line], 300))
+    assert_ok(run_cmd([*replay_py, "--out", str(tmp_path / "b")], 300))  # the plain replay, run by replay.py
+
+    def branch(out: str) -> dict:
+        d = tmp_path / out / "plain"
+        status = json.loads((d / "status.json").read_text())
+        rows = [
+            {k: v for k, v in r.items() if k not in ("time", "train/tokens_per_s")}
+            for r in read_jsonl(d / "metrics.jsonl")
+        ]
+        config = (
+            (d / "config.yaml")
+            .read_text()
+            .replace(str(tmp_path / out), "OUT")
+            .replace(f"group: {out}", "group: OUT")
+        )
+        return {
+            "status": {k: v for k, v in status.items() if k != "peak_rss_mb"},
+            "metrics": rows,
+            "events": read_jsonl(d / "events.jsonl") if (d / "events.jsonl").exists() else None,
+            "branch": json.loads((d / "branch.json").read_text()),
+            "config": config,
+            "checkpoints": sorted(p.name for p in (d / "checkpoints").glob("*")),
+        }
+
+    a, b = branch("a"), branch("b")
+    assert a["status"]["state"] == "finished" and a["status"]["step"] == 7
+    assert [r["step"] for r in a["metrics"] if "train/loss" in r] == [5, 6, 7]
+    assert a == b
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Checks everything before anything is written (:func:`prepare`), runs the plain replay first and
 says whether it reproduced RUN exactly, then one branch per intervention
 (:mod:`dsinstab.experiments.replay`), and writes the report (:mod:`dsinstab.reports.replay_report`).
-A repeated command continues the replay it names.
+A repeated command continues the replay it names. The branches run as many ranks as RUN's
+checkpoint holds, on this node or on a hostfile's nodes (:mod:`dsinstab.experiments.launch`);
+``--emit commands`` prints their launcher commands instead of running them.
 """
 
 from __future__ import annotations
@@ -11,14 +13,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
+from dsinstab.experiments.launch import DEEPSPEED_PORT, Launch, command_line, plan_launch, write_commands
 from dsinstab.experiments.replay import (
     INTERVENTIONS,
     OUTCOME_CODES,
+    ROOT,
     Plan,
     Source,
+    branch_commands,
     check_plans,
     choose_checkpoint,
     plan_branches,
@@ -38,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "interventions; report what changed and which series moved first.",
         epilog="examples:\n  python scripts/replay.py runs/R --at 310 --window 40 --intervene skip reshuffle "
         "lr=x0.5 --seeds 2\n  python scripts/replay.py runs/R --at 31 --from step-20 --intervene precision=bf16 "
-        "trainer.adam_beta2=0.99\n\ninterventions: " + INTERVENTIONS + "\n\nSee docs/forensics.md.",
+        "trainer.adam_beta2=0.99\n  python scripts/replay.py runs/R --at 3100 --intervene skip --hostfile hostfile --emit commands"
+        "\n\ninterventions: " + INTERVENTIONS + "\n\nSee docs/forensics.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("run", metavar="RUN", help="the run directory that spiked")
@@ -84,7 +91,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="where the branches and the report go (default: RUN-replay-STEP beside RUN)",
     )
+    p.add_argument(
+        "--emit",
+        choices=("commands",),
+        default=None,
+        help="print one launcher command per branch still to do (also OUT/commands.txt) instead of "
+        "running them; the same command without --emit then writes the report",
+    )
+    launch = p.add_argument_group(
+        "launching the branches (each runs as many ranks as RUN's checkpoint holds)",
+        "default: this node alone; RUN's nodes with --hostfile, through DeepSpeed's launcher",
+    )
+    launch.add_argument("--hostfile", default=None, metavar="H", help="DeepSpeed's hostfile of RUN's nodes")
+    launch.add_argument(
+        "--num_nodes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="of the hostfile's first hosts (default: as many as RUN's ranks fill)",
+    )
+    launch.add_argument(
+        "--num_gpus",
+        type=int,
+        default=None,
+        metavar="G",
+        help="ranks per node (default: the first host's slots)",
+    )
+    launch.add_argument(
+        "--master_addr", default=None, metavar="ADDR", help="the rendezvous host (default: the launcher's)"
+    )
+    launch.add_argument(
+        "--master_port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help=f"the rendezvous port (default: {DEEPSPEED_PORT} with --hostfile or --emit, else a free one)",
+    )
+    launch.add_argument(
+        "--launcher_args",
+        type=shlex.split,
+        default=[],
+        metavar="ARGS",
+        help="more of DeepSpeed's launcher options, one string (e.g. --launcher_args='--launcher openmpi')",
+    )
     return p.parse_args(argv)
+
+
+def launch_of(args: argparse.Namespace, world: int) -> Launch:
+    port = args.master_port or (DEEPSPEED_PORT if args.emit else None)
+    return plan_launch(
+        world, args.hostfile, args.num_nodes, args.num_gpus, args.master_addr, port, args.launcher_args
+    )
 
 
 def prepare(args: argparse.Namespace) -> tuple[Source, list[Plan], Path, bool]:
@@ -136,7 +193,9 @@ def request_of(source: Source, plans: list[Plan], args: argparse.Namespace) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.argv = argv
     # DeepSpeed's logger, made when it is first imported, writes to the stdout of that moment:
     # make it stderr, so stdout holds the replay's own lines
     with contextlib.redirect_stdout(sys.stderr):
@@ -148,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         source, plans, out, resume = prepare(args)
+        launch = launch_of(args, source.world)
         write_inputs(source, plans, out, request_of(source, plans, args))
+        if args.emit:
+            return emit_commands(source, plans, out, args, launch, say)
         said: list[str] = []  # the plain replay's line waits: whether it was exact comes first
-        codes = {plans[0].name: run_branch(source, out, plans[0], args.window, said.append)}
+        codes = {plans[0].name: run_branch(source, out, plans[0], args.window, said.append, launch)}
         from dsinstab.run.tracking import read_jsonl
 
         plain = out / plans[0].name / "metrics.jsonl"
@@ -170,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         for msg in said:
             say(msg)
         for plan in plans[1:]:
-            codes[plan.name] = run_branch(source, out, plan, args.window, say)
+            codes[plan.name] = run_branch(source, out, plan, args.window, say, launch)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -180,3 +242,29 @@ def main(argv: list[str] | None = None) -> int:
     say(sentence)
     say(f"report: {report / 'report.html'} (and report.md, *.png)")
     return 0 if all(c in OUTCOME_CODES for c in codes.values()) else 1
+
+
+def emit_commands(source: Source, plans: list[Plan], out: Path, args, launch: Launch, say) -> int:
+    """``--emit commands``: stdout is a shell script, one command line per branch still to do."""
+    lines = branch_commands(source, plans, out, args.window, launch)
+    path = write_commands(out, lines)
+    for line in lines:
+        say(line)
+    again = [sys.executable, str(ROOT / "scripts" / "replay.py"), *without_emit(args.argv)]
+    say(
+        f"# {len(lines)} of {len(plans)} branch(es) to run (also in {path}); a killed one: --emit again gives its resume"
+    )
+    say(f"# once they have run, the report: {command_line(again)}")
+    return 0
+
+
+def without_emit(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--emit="):
+            skip = False
+            continue
+        skip = a == "--emit"
+        if not skip:
+            out.append(a)
+    return out

@@ -13,14 +13,14 @@ import json
 import math
 import re
 import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
+from dsinstab.experiments.launch import Launch, command_line
 from dsinstab.run.config import SECTIONS, ConfigError, load_config
 from dsinstab.run.ds_config import YAML_OWNED, precision, resolve_ds_config
 from dsinstab.run.status import EXIT_BAD_INPUT, RunEnd, outcome, read_status
@@ -253,17 +253,12 @@ def check_plans(source: Source, plans: list[Plan], out: Path, window: int) -> No
 # Running the branches
 
 
-def train_command(source: Source, out: Path, plan: Plan, window: int, resume: bool) -> list[str]:
-    """``train.py`` for one branch: one process for one rank, DeepSpeed's launcher for more."""
-    script = str(ROOT / "scripts" / "train.py")
-    head = [sys.executable, script]
-    if source.world > 1:
-        from dsinstab.run.distributed import free_port
-
-        port = free_port()
-        launcher = Path(sys.executable).parent / "deepspeed"
-        launcher = str(launcher) if launcher.exists() else "deepspeed"
-        head = [launcher, "--num_gpus", str(source.world), "--master_port", str(port), script]
+def train_command(
+    source: Source, out: Path, plan: Plan, window: int, resume: bool, launch: Launch | None = None
+) -> list[str]:
+    """``train.py`` for one branch, launched as ``launch`` says (default: as many ranks as RUN's
+    checkpoint holds, on this node: one process for one rank, DeepSpeed's launcher for more)."""
+    head = (launch or Launch(num_gpus=source.world)).head()
     cmd = [
         *head,
         "--config_dir",
@@ -291,13 +286,13 @@ def branch_state(run_dir: Path) -> str:
     return "resume" if Checkpointer(None, run_dir, 1, False).complete_tags() else "start"
 
 
-def run_branch(source: Source, out: Path, plan: Plan, window: int, say) -> int:
+def run_branch(source: Source, out: Path, plan: Plan, window: int, say, launch: Launch | None = None) -> int:
     """Train one branch (or continue it); its output goes to ``OUT/<name>.log``. Returns the exit code."""
     state = branch_state(out / plan.name)
     if state == "done":
         say(f"branch {plan.name}: already done")
         return 0
-    cmd = train_command(source, out, plan, window, resume=state == "resume")
+    cmd = train_command(source, out, plan, window, state == "resume", launch)
     t0 = time.time()
     with open(out / f"{plan.name}.log", "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -316,6 +311,20 @@ def run_branch(source: Source, out: Path, plan: Plan, window: int, say) -> int:
             )
         )
     return code
+
+
+def branch_commands(source: Source, plans: list[Plan], out: Path, window: int, launch: Launch) -> list[str]:
+    """What ``--emit commands`` prints: the command line of each branch still to do (its resume
+    where it has a checkpoint), run from this folder, every path in it absolute."""
+    source, out = replace(source, path=source.path.resolve()), out.resolve()
+    lines = []
+    for plan in plans:
+        state = branch_state(out / plan.name)
+        if state != "done":
+            lines.append(
+                command_line(train_command(source, out, plan, window, state == "resume", launch), Path.cwd())
+            )
+    return lines
 
 
 def write_inputs(source: Source, plans: list[Plan], out: Path, request: dict) -> None:

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsinstab.experiments.launch import command_line, write_commands
 from dsinstab.instruments import registry
 from dsinstab.run.config import ConfigError, RunConfig, _read_yaml, _suggest, apply_override, check
 from dsinstab.run.distributed import without_launch
@@ -321,7 +322,7 @@ def _point_command(grid: Grid, which: str | None) -> str:
         "--out",
         str(grid.out.resolve()),
     ]
-    return shlex.join(cmd + (["--point", which] if which is not None else []))
+    return command_line(cmd + (["--point", which] if which is not None else []))
 
 
 def emit(grid: Grid, kind: str, parallel: int | None) -> Path:
@@ -329,11 +330,9 @@ def emit(grid: Grid, kind: str, parallel: int | None) -> Path:
     them). Each command decides at its start whether its point is new, resumes or is done, so a
     requeued or repeated task does the right thing."""
     todo = [i for i, p in enumerate(grid.points) if plan(p) != "done"]
-    grid.out.mkdir(parents=True, exist_ok=True)
     if kind == "commands":
-        path = grid.out / "commands.txt"
-        path.write_text("".join(_point_command(grid, grid.points[i].name) + "\n" for i in todo))
-        return path
+        return write_commands(grid.out, [_point_command(grid, grid.points[i].name) for i in todo])
+    grid.out.mkdir(parents=True, exist_ok=True)
     path = grid.out / "sweep.sbatch"
     logs = grid.out.resolve() / "logs"
     array = ",".join(map(str, todo)) or "0"
