@@ -56,9 +56,9 @@ def overflow_first(run: RunData) -> Counter:
 
 
 def overflow_table(runs: list[RunData]) -> list[dict]:
-    """One row per run: its overflow events, where the first began, that tensor's headroom the
-    step before (fraction of 65504; gradients times the loss scale), and ``train/overflow_first``:
-    where all of them began, most frequent first."""
+    """One row per run: its overflow events, where the first began, that tensor's headroom in the
+    last step recorded before it (fraction of 65504; gradients times the loss scale), and
+    ``train/overflow_first``: where all of them began, most frequent first."""
     rows = []
     for run in runs:
         events = overflow_events(run)
