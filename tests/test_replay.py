@@ -71,11 +71,11 @@ def test_what_moved_first_names_the_series_that_left_its_band_first_and_its_lead
 # Refusals: one sentence, exit 2, nothing written
 
 
-def checkpointed_run(folder, ranks: int = 1):
+def checkpointed_run(folder, ranks: int = 1, extra: tuple[str, ...] = ()):
     """A run directory as an fp16 run of ``ranks`` ranks leaves it, with one complete checkpoint (step-6)."""
     from dsinstab.run.checkpoint import RANKS, Checkpointer
 
-    cfg = load_config(ROOT / "configs", TINY)
+    cfg = load_config(ROOT / "configs", [*TINY, *extra])
     ds = ROOT / "ds_configs" / "zero2_fp16.json"
     cfg.ds_config, _ = resolve_ds_config(read_ds_config(ds), ds, cfg, ranks)
     run = folder / "runs" / "r"
@@ -179,6 +179,17 @@ def test_emitted_commands_launch_each_branch_on_the_nodes_of_the_hostfile(tmp_pa
         [sys.executable, str(ROOT / "scripts" / "replay.py"), *argv, "--hostfile", str(hostfile)]
     )
     assert (out / "source.yaml").exists() and (out / "ds_config-fp16.json").exists()
+
+
+def test_a_compiled_run_is_replayed_eager_with_every_probe(tmp_path, capsys):
+    """model.compile refuses the probes that hook the modules; the replay runs them all, so its
+    branches train the same weights uncompiled rather than being refused."""
+    run = checkpointed_run(tmp_path, extra=("model.compile=true", "model.compile_backend=eager",
+                                            "trainer.overflow.locate=false"))  # fmt: skip
+    out = tmp_path / "out"
+    assert replay.main([str(run), "--at", "10", "--window", "2", "--out", str(out), "--emit", "commands"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
+    assert len(lines) == 1 and "model.compile=false" in shlex.split(lines[0])
 
 
 @pytest.mark.parametrize(

@@ -217,6 +217,7 @@ def branch_overrides(source: Source, plan: Plan, out: Path, window: int) -> list
     probes = ",".join(registry.probes())
     return [
         *plan.sets,
+        "model.compile=false",  # every probe hooks the modules; a compiled RUN replays eager
         "trainer.diagnostics.every=1",
         f"trainer.diagnostics.probes={probes}",
         f"utils.run_name={plan.name}",

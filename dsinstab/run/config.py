@@ -86,7 +86,7 @@ class DiagnosticsConfig:
 @dataclass
 class OverflowConfig:
     locate: bool = param(
-        True, "name the first non-finite tensor of each overflow in its event (tracks every module's max |x|)"
+        True, "name the first non-finite tensor of each overflow in its event (re-runs a skipped step traced)"
     )
     assumed_loss_scale: float = param(
         65536.0,
