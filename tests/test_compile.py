@@ -152,3 +152,27 @@ def test_compile_with_overflow_locate_on_is_refused_before_anything_is_written(t
     ], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_compile_on_the_fp32_compute_path_is_refused(monkeypatch):
+    """Where the CPU computes fp16/bf16 in fp32 (a dispatch mode around the step), torch.compile
+    would trace nothing and run the model eager while the run said "compiled": refused instead;
+    the native path and fp32 training are served."""
+
+    def config(ds: str, *extra: str):
+        cfg = load_config(ROOT / "configs", [*TINY, *COMPILE, *extra])
+        path = ROOT / "ds_configs" / f"{ds}.json"
+        cfg.ds_config, _ = resolve_ds_config(read_ds_config(path), path, cfg, 1)
+        return cfg
+
+    for ds in ("zero2_fp16", "zero2_bf16"):
+        with pytest.raises(ConfigError) as e:
+            registry.check(config(ds, "utils.cpu_compute=fp32"))
+        prec = ds.split("_")[1]
+        assert str(e.value) == (
+            f"--set: model.compile would compile nothing here: this CPU computes {prec} matmuls in fp32 "
+            "(utils.cpu_compute fp32), under a dispatch mode torch.compile does not trace; train in fp32, "
+            "set utils.cpu_compute native, or set model.compile false."
+        )
+        registry.check(config(ds, "utils.cpu_compute=native"))
+    registry.check(config("zero2_fp32", "utils.cpu_compute=fp32"))

@@ -9,6 +9,7 @@ untouched. The list's order is the order the loop calls them in.
 from __future__ import annotations
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from dsinstab.instruments.base import Context, Instrument, Probe, config_value, probe_names
 from dsinstab.instruments.inject import InjectedFault
@@ -26,7 +27,9 @@ from dsinstab.instruments.probes.layer_norms import LayerNormProbe
 from dsinstab.instruments.probes.out_logits import OutputLogitProbe
 from dsinstab.instruments.spikes import SpikeMonitor
 from dsinstab.run import engine as eng
+from dsinstab.run import lowp
 from dsinstab.run.config import ConfigError, RunConfig, TrainerConfig
+from dsinstab.run.ds_config import precision
 
 MITIGATIONS: list[type[Instrument]] = [
     ZClipPlugin,  # trainer.mitigations.zclip_z
@@ -113,6 +116,15 @@ def check_compile(cfg: RunConfig, registry: list[type[Instrument]] | None = None
         raise ConfigError(
             f"{where}: {what} hooks into the model's modules, and model.compile ({model_where}) cannot "
             f"promise to run such hooks; {fix}, or set model.compile false."
+        )
+    prec = precision(getattr(cfg, "ds_config", None) or {})
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(prec)
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu and dtype is not None and lowp.use_fp32_compute(dtype, cfg.utils.cpu_compute):
+        raise ConfigError(  # dynamo runs a function eager while a TorchDispatchMode is active
+            f"{model_where}: model.compile would compile nothing here: this CPU computes {prec} matmuls "
+            f"in fp32 (utils.cpu_compute {cfg.utils.cpu_compute}), under a dispatch mode torch.compile "
+            "does not trace; train in fp32, set utils.cpu_compute native, or set model.compile false."
         )
 
 
