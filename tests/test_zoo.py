@@ -137,6 +137,7 @@ def test_the_gpu_shape_gives_every_case_the_124m_model_and_its_own_values(tmp_pa
         for p in case.grid.points:
             m, t = p.cfg.model, p.cfg.trainer
             assert (m.n_layer, m.d_model, m.seq_len, p.cfg.dataset.vocab_size) == (12, 768, 1024, 50304)
+            assert m.arch == ("qwen3" if p.variant == "qk_norm" else "llama")  # the tiny shape's family
             assert (t.micro_batch_size, t.gradient_accumulation_steps) == (16, 1)
             wanted = next(int(s.split("=")[1]) for s in spec["set"] if s.startswith("trainer.max_steps="))
             assert t.max_steps == wanted
