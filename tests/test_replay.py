@@ -187,7 +187,9 @@ def test_a_compiled_run_is_replayed_eager_with_every_probe(tmp_path, capsys):
     run = checkpointed_run(tmp_path, extra=("model.compile=true", "model.compile_backend=eager",
                                             "trainer.overflow.locate=false"))  # fmt: skip
     out = tmp_path / "out"
-    assert replay.main([str(run), "--at", "10", "--window", "2", "--out", str(out), "--emit", "commands"]) == 0
+    assert (
+        replay.main([str(run), "--at", "10", "--window", "2", "--out", str(out), "--emit", "commands"]) == 0
+    )
     lines = [ln for ln in capsys.readouterr().out.splitlines() if not ln.startswith("#")]
     assert len(lines) == 1 and "model.compile=false" in shlex.split(lines[0])
 
