@@ -407,7 +407,7 @@ class Batches:
         if got is None:
             self.read_ahead.clear()  # read for where the order no longer is
             return self._read(self.order.next())
-        self.order.position += 1
+        self.order.skip(1)  # taken from what was read ahead
         self.taken_ahead += 1
         return got
 
