@@ -155,8 +155,8 @@ def test_compile_with_overflow_locate_on_is_refused_before_anything_is_written(t
 
 
 def test_compile_on_the_fp32_compute_path_is_refused(monkeypatch):
-    """Where the CPU computes fp16/bf16 in fp32 (a dispatch mode around the step), torch.compile
-    would trace nothing and run the model eager while the run said "compiled": refused instead;
+    """Where the CPU computes fp16/bf16 in fp32 (a torch-function mode around the step), inductor
+    would fuse away the rounding of each matmul's result, so an fp16 overflow would not happen: refused;
     the native path and fp32 training are served."""
 
     def config(ds: str, *extra: str):
@@ -170,9 +170,10 @@ def test_compile_on_the_fp32_compute_path_is_refused(monkeypatch):
             registry.check(config(ds, "utils.cpu_compute=fp32"))
         prec = ds.split("_")[1]
         assert str(e.value) == (
-            f"--set: model.compile would compile nothing here: this CPU computes {prec} matmuls in fp32 "
-            "(utils.cpu_compute fp32), under a dispatch mode torch.compile does not trace; train in fp32, "
-            "set utils.cpu_compute native, or set model.compile false."
+            f"--set: model.compile would change the numbers here: this CPU computes {prec} matmuls in fp32 "
+            "(utils.cpu_compute fp32) and rounds each result, a rounding torch.compile fuses away (an fp16 "
+            "product past 65504 stays finite); train in fp32, set utils.cpu_compute native, or set "
+            "model.compile false."
         )
         registry.check(config(ds, "utils.cpu_compute=native"))
     registry.check(config("zero2_fp32", "utils.cpu_compute=fp32"))

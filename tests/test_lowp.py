@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import assert_ok, env, launch, train_rows
+from conftest import ROOT, TINY, assert_ok, env, launch, train_rows
+from dsinstab.run.config import load_config
 from dsinstab.run.lowp import LowPrecisionInFp32, has_native_kernels, use_fp32_compute
+from dsinstab.run.model import build_model
 
 LOW = [torch.bfloat16, torch.float16]
 # mantissa bits: one rounding step at |x| is 2**(floor(log2|x|) - bits)
@@ -55,6 +57,8 @@ OPS = {
     "baddbmm": lambda t: torch.baddbmm(t["bc"], t["ba"], t["bb"], beta=0.5, alpha=2.0),
     "mv": lambda t: t["a"] @ t["v"],
     "dot": lambda t: t["v"] @ t["v"],
+    "einsum": lambda t: torch.einsum("bij,bjk->bik", t["ba"], t["bb"]),
+    "matmul_3d_2d": lambda t: torch.matmul(t["ba"], t["b"]),
 }
 KERNELS = {"mm", "addmm", "bmm", "baddbmm", "mv", "dot"}
 
@@ -116,10 +120,21 @@ def test_attention_forward_and_backward_run_in_fp32_close_to_the_fp32_reference(
         "_scaled_dot_product_flash_attention_for_cpu_backward",
     }
     assert all(d == {torch.float32} for d in flash.values())
-    # as in flash attention, the logsumexp stays fp32 while the output is rounded
-    with LowPrecisionInFp32(dtype):
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*(t.detach() for t in low))
-    assert (o.dtype, lse.dtype) == (dtype, torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_every_matmul_of_a_model_step_runs_in_fp32(arch):
+    """A whole forward and backward of each family, the eager and softcapped attention included:
+    no matmul or attention kernel receives a bf16 operand, and the gradients come back bf16."""
+    for attention in ("model.attn_implementation=eager", "model.attn_softcap=50", "model.logit_softcap=30"):
+        mc = load_config(ROOT / "configs", [f"model.arch={arch}", *TINY[:4], attention]).model
+        model = build_model(mc, vocab_size=128, eos_id=0, seed=0).to(torch.bfloat16)
+        ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        _, calls = emulated(lambda: model(input_ids=ids, labels=ids).loss.backward(), torch.bfloat16)  # noqa: B023
+        kernels = {(n, frozenset(d)) for n, d in calls if n in KERNELS or "attention" in n or n == "addmm"}
+        assert {n for n, _ in kernels} >= {"mm"}, (arch, attention)
+        assert all(d == {torch.float32} for _, d in kernels), (arch, attention, kernels)
+        assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.grad is not None)
 
 
 def test_the_path_follows_utils_cpu_compute():

@@ -121,10 +121,11 @@ def check_compile(cfg: RunConfig, registry: list[type[Instrument]] | None = None
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(prec)
     on_cpu = get_accelerator().device_name() == "cpu"
     if on_cpu and dtype is not None and lowp.use_fp32_compute(dtype, cfg.utils.cpu_compute):
-        raise ConfigError(  # dynamo runs a function eager while a TorchDispatchMode is active
-            f"{model_where}: model.compile would compile nothing here: this CPU computes {prec} matmuls "
-            f"in fp32 (utils.cpu_compute {cfg.utils.cpu_compute}), under a dispatch mode torch.compile "
-            "does not trace; train in fp32, set utils.cpu_compute native, or set model.compile false."
+        raise ConfigError(  # seen: a compiled fp16 (a @ b) * 0.5 gave 40000 where eager gives inf
+            f"{model_where}: model.compile would change the numbers here: this CPU computes {prec} matmuls "
+            f"in fp32 (utils.cpu_compute {cfg.utils.cpu_compute}) and rounds each result, a rounding "
+            "torch.compile fuses away (an fp16 product past 65504 stays finite); train in fp32, set "
+            "utils.cpu_compute native, or set model.compile false."
         )
 
 

@@ -20,11 +20,10 @@ from collections.abc import Callable
 
 import deepspeed.comm as dist
 import torch
+import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
-
-aten = torch.ops.aten
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 MODES = ("auto", "native", "fp32")
 
@@ -85,28 +84,36 @@ def use_fp32_compute(dtype: torch.dtype, mode: str = "auto") -> bool:
     return mode == "fp32" or not has_native_kernels(dtype)
 
 
-class LowPrecisionInFp32(TorchDispatchMode):
+T = torch.Tensor
+# every function that multiplies matrices or attends: what the fp32 path computes in fp32
+_MATMULS = frozenset(
+    {
+        F.linear,
+        F.bilinear,
+        F.scaled_dot_product_attention,
+        torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__,
+        torch.mm, T.mm, torch.bmm, T.bmm,
+        torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, torch.addbmm, T.addbmm,
+        torch.mv, T.mv, torch.addmv, T.addmv, torch.dot, T.dot, torch.inner, T.inner,
+        torch.einsum, torch.tensordot,
+    }
+)  # fmt: skip
+
+
+class LowPrecisionInFp32(TorchFunctionMode):
     """Run ``dtype`` matmuls and attention in fp32 and round the results to ``dtype``.
 
-    Every input of ``dtype`` is upcast (exact) and every fp32 output is rounded to nearest, so a
-    result equals ``op(fp32 inputs).to(dtype)``: an fp16 result past 65504 is inf, a bf16 one stays
-    finite. Other ops (elementwise, norms, reductions) run natively: they are fast in both dtypes.
-    """
+    A call with a ``dtype`` tensor among its inputs gets every such input upcast (exact) and its
+    result rounded to nearest, so it equals ``op(fp32 inputs).to(dtype)``: an fp16 result past
+    65504 is inf, a bf16 one stays finite. The casts are differentiable, so the backward runs in
+    fp32 too and rounds each input's gradient to ``dtype`` (the fp32 copies are what autograd
+    saves: the activations held for backward take twice the memory). Other functions
+    (elementwise, norms, reductions) run natively: they are fast in both dtypes.
 
-    # op -> outputs that stay fp32: flash attention keeps its logsumexp in fp32, natively too
-    OPS = {
-        aten.mm.default: (),
-        aten.addmm.default: (),
-        aten._addmm_activation.default: (),
-        aten.bmm.default: (),
-        aten.baddbmm.default: (),
-        aten.addbmm.default: (),
-        aten.mv.default: (),
-        aten.addmv.default: (),
-        aten.dot.default: (),
-        aten._scaled_dot_product_flash_attention_for_cpu.default: (1,),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (),
-    }
+    A torch-function mode rather than a dispatch mode: only the forward's Python calls pass
+    through it, not every aten op of forward and backward (measured on the tests' 2-layer model
+    under forced AVX2: forward + backward 10 ms a step against 15 ms for an aten-level mode).
+    """
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -117,24 +124,19 @@ class LowPrecisionInFp32(TorchDispatchMode):
     def __repr__(self) -> str:
         return f"LowPrecisionInFp32({self.dtype})"
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def _up(self, x):
+        return x.float() if isinstance(x, torch.Tensor) and x.dtype == self.dtype else x
+
+    def _down(self, x):
+        return x.to(self.dtype) if isinstance(x, torch.Tensor) and x.dtype == torch.float32 else x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        keep_fp32 = self.OPS.get(func)
-        if keep_fp32 is None or not any(isinstance(a, torch.Tensor) and a.dtype == self.dtype for a in args):
+        if func not in _MATMULS or not any(
+            isinstance(a, torch.Tensor) and a.dtype == self.dtype for a in tree_leaves((args, kwargs))
+        ):
             return func(*args, **kwargs)
-
-        def up(x):
-            return x.float() if isinstance(x, torch.Tensor) and x.dtype == self.dtype else x
-
-        out = func(*tree_map(up, args), **tree_map(up, kwargs))
-        if isinstance(out, torch.Tensor):
-            return out.to(self.dtype)
-        return type(out)(
-            o.to(self.dtype)
-            if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and i not in keep_fp32
-            else o
-            for i, o in enumerate(out)
-        )
+        return tree_map(self._down, func(*tree_map(self._up, args), **tree_map(self._up, kwargs)))
 
 
 def engine_dtype(engine) -> torch.dtype:
