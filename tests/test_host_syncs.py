@@ -55,7 +55,9 @@ COUNT = textwrap.dedent(
 
         def counted(self, *args, **kwargs):
             caller = sys._getframe(1).f_code
-            if caller.co_filename.startswith(PKG) and not (name == "__format__" and self.dim() > 0):
+            # a torch-function mode (run/lowp.py) re-issues the call it is handed: its caller counted it
+            mode = caller.co_name == "__torch_function__"
+            if caller.co_filename.startswith(PKG) and not mode and not (name == "__format__" and self.dim() > 0):
                 if not on_host(self):
                     where = os.path.relpath(caller.co_filename, PKG)
                     counts[f"{where}:{caller.co_name}:{name}"] += 1
