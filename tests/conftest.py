@@ -42,8 +42,9 @@ TINY = [
 
 
 def pytest_collection_modifyitems(config, items):
-    """The long end-to-end runs (marked ``slow``) first: under ``pytest -n 2`` the short tests then
-    fill both workers at the end instead of one long run finishing alone."""
+    """Where both tiers run at once (``-m "slow or not slow"``), the long runs marked ``slow`` first:
+    under ``pytest -n 2`` the short tests then fill both workers at the end instead of one long run
+    finishing alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

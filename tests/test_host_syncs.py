@@ -19,8 +19,6 @@ import json
 import sys
 import textwrap
 
-import pytest
-
 from conftest import TINY, assert_ok, run_cmd
 
 SHORT, LONG = 4, 8
@@ -97,7 +95,6 @@ def count_syncs(tmp_path, cache_dir, steps: int) -> dict[str, int]:
     return got["counts"]
 
 
-@pytest.mark.slow
 def test_a_training_step_syncs_with_the_host_at_most_once(tmp_path, cache_dir):
     short, long = (count_syncs(tmp_path, cache_dir, n) for n in (SHORT, LONG))
     per_step = {k: (long.get(k, 0) - short.get(k, 0)) / (LONG - SHORT) for k in {*short, *long}}

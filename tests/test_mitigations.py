@@ -649,7 +649,6 @@ def test_zclip_and_skip_step_act_on_a_spike_and_a_resumed_run_acts_alike(one_ran
     assert resumed.train(12, spike_at=spikes) == tail_unbroken
 
 
-@pytest.mark.slow
 def test_two_ranks_take_the_same_decisions(tmp_path, cache_dir):
     """Skip-step judges the loss all-reduced over ranks and DeepSpeed's reduced grad norm, QK-clip
     the logit maxima all-reduced. At sigma 1 on two ranks of ZeRO-2 several steps are skipped, and

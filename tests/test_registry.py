@@ -87,7 +87,6 @@ def client_state(run_dir, tag: str) -> dict:
     return states["dsinstab"]
 
 
-@pytest.mark.slow
 def test_a_toy_mitigation_added_through_the_registry_acts_and_resumes(
     tmp_path, cache_dir, one_rank, monkeypatch
 ):

@@ -53,9 +53,10 @@ def _wait_for_step(run_dir, step, proc, timeout=300):
     raise TimeoutError
 
 
-@pytest.mark.slow
 # (fp32 has the least state of the three precisions: the loss scaler's rides in fp16's checkpoint)
-@pytest.mark.parametrize("ds, ranks", [("zero2_fp16", 1), ("zero3_bf16", 2)])
+@pytest.mark.parametrize(
+    "ds, ranks", [("zero2_fp16", 1), pytest.param("zero3_bf16", 2, marks=pytest.mark.slow)]
+)
 def test_sigkill_then_resume_latest_equals_the_unbroken_run(tmp_path, cache_dir, ds, ranks):
     proc, full = launch(tmp_path, cache_dir, *LONG, ds=ds, ranks=ranks, name="full")
     assert_ok(proc)

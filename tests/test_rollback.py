@@ -154,7 +154,6 @@ def _assert_same_run(run: Path, unbroken: Path) -> None:
     assert [(e["step"], e["kind"]) for e in read_jsonl(run / "events.jsonl")] == events
 
 
-@pytest.mark.slow
 def test_a_run_killed_right_after_a_rollback_resumes_from_the_state_it_rolled_back_to(
     tmp_path, cache_dir, unbroken
 ):
@@ -169,7 +168,6 @@ def test_a_run_killed_right_after_a_rollback_resumes_from_the_state_it_rolled_ba
     _assert_same_run(tmp_path / "k", unbroken)
 
 
-@pytest.mark.slow
 def test_a_resume_from_a_checkpoint_after_a_rollback_keeps_the_rollbacks_events(
     tmp_path, cache_dir, unbroken
 ):

@@ -248,7 +248,6 @@ def test_the_wandb_group_is_the_configured_one(tmp_path, offline):
         assert wandb_segments(tmp_path / name)[0]["run"].run_group == group
 
 
-@pytest.mark.slow
 def test_an_end_to_end_rollback_leaves_wandb_equal_to_metrics_jsonl(tmp_path, cache_dir):
     proc, run = launch(tmp_path, cache_dir, *SPIKE_ROLLBACK, "utils.report_to=wandb")
     assert_ok(proc)

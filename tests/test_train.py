@@ -70,7 +70,6 @@ def test_forced_fp16_overflow_halves_the_scale_and_skips_steps(tmp_path, cache_d
     assert all(r["train/lr"] == 0.0 for r in first)  # skipped steps do not advance the schedule
 
 
-@pytest.mark.slow
 def test_two_ranks(tmp_path, cache_dir):
     """(Two ranks under ZeRO-3 in bf16: tests/test_reliability.py's kill-and-resume run.)"""
     proc, run = launch(
@@ -95,7 +94,6 @@ def _same_trajectory(
             assert x.get(k) == y.get(k), (x["step"], k, x.get(k), y.get(k))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("ds", ["zero1_fp16"])  # ZeRO-2 fp16, 2-rank ZeRO-3 bf16: tests/test_reliability.py
 def test_resume_continues_exactly_as_the_unbroken_run(tmp_path, cache_dir, ds):
     proc, full = launch(tmp_path, cache_dir, ds=ds, name="full")
@@ -108,7 +106,6 @@ def test_resume_continues_exactly_as_the_unbroken_run(tmp_path, cache_dir, ds):
     _same_trajectory(full, resumed)
 
 
-@pytest.mark.slow
 def test_resume_latest_extends_a_finished_run(tmp_path, cache_dir):
     """(Its refusals, an existing run without --resume and --resume of nothing, are the same code
     in a dry run: tests/test_cli.py.)"""
@@ -138,7 +135,6 @@ def test_resume_latest_extends_a_finished_run(tmp_path, cache_dir):
     assert [r["train/lr"] for r in rows[6:]] == pytest.approx(expected[6:], rel=1e-6)
 
 
-@pytest.mark.slow
 def test_reference_losses(tmp_path, cache_dir):
     """A seeded tiny fp32 run's first losses are committed; a change in numerics shows here."""
     ref = json.loads((ROOT / "tests" / "reference_losses.json").read_text())
