@@ -179,6 +179,9 @@ def test_emitted_commands_launch_each_branch_on_the_nodes_of_the_hostfile(tmp_pa
         [sys.executable, str(ROOT / "scripts" / "replay.py"), *argv, "--hostfile", str(hostfile)]
     )
     assert (out / "source.yaml").exists() and (out / "ds_config-fp16.json").exists()
+    with pytest.raises(SystemExit) as refused:  # an abbreviation would stay in that report command
+        replay.main([*argv, "--em", "commands"])
+    assert refused.value.code == 2 and "unrecognized arguments: --em commands" in capsys.readouterr().err
 
 
 def test_a_compiled_run_is_replayed_eager_with_every_probe(tmp_path, capsys):

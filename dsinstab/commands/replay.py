@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "trainer.adam_beta2=0.99\n  python scripts/replay.py runs/R --at 3100 --intervene skip --hostfile hostfile --emit commands"
         "\n\ninterventions: " + INTERVENTIONS + "\n\nSee docs/forensics.md.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # the report command --emit prints is argv without --emit: no "--em" to miss
     )
     p.add_argument("run", metavar="RUN", help="the run directory that spiked")
     p.add_argument("--at", type=int, required=True, metavar="STEP", help="the spike's step")
