@@ -93,7 +93,6 @@ def _diag(run):
     ]
 
 
-@pytest.mark.slow
 def test_probes_agree_under_zero0_zero3_and_two_ranks(tmp_path, cache_dir):
     """One rank with micro batch 8 reads the same global batch as two ranks with 4 each."""
     zero0 = ds_config(tmp_path, "zero2_fp32", zero_optimization={"stage": 0})

@@ -278,7 +278,6 @@ def reference(tmp_path_factory, cache_dir):
     return tmp, run_dir
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["openmpi", "mvapich", "slurm"])
 def test_each_launchers_ranks_train_as_one_two_rank_job(reference, cache_dir, family):
     tmp, want = reference
@@ -352,7 +351,6 @@ CASES = [
 ]
 
 
-@pytest.mark.slow
 def test_the_eval_loss_of_a_checkpoint_is_the_same_on_one_and_two_ranks(reference, cache_dir):
     tmp, run_dir = reference
     cmd = launch_cmd(tmp, cache_dir, *STEPS, ranks=2, name="deepspeed")
