@@ -122,10 +122,18 @@ def test_attention_forward_and_backward_run_in_fp32_close_to_the_fp32_reference(
     assert all(d == {torch.float32} for d in flash.values())
 
 
+@pytest.mark.parametrize("linear", ["torch", "zero3"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
-def test_every_matmul_of_a_model_step_runs_in_fp32(arch):
+def test_every_matmul_of_a_model_step_runs_in_fp32(arch, linear, monkeypatch):
     """A whole forward and backward of each family, the eager and softcapped attention included:
-    no matmul or attention kernel receives a bf16 operand, and the gradients come back bf16."""
+    no matmul or attention kernel receives a bf16 operand, and the gradients come back bf16. Also
+    where a ZeRO-3 engine has put DeepSpeed's linear in F.linear, as it does for the process, which
+    is back there after the step."""
+    if linear == "zero3":
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        monkeypatch.setattr(F, "linear", zero3_linear_wrap)
+    before = F.linear
     for attention in ("model.attn_implementation=eager", "model.attn_softcap=50", "model.logit_softcap=30"):
         mc = load_config(ROOT / "configs", [f"model.arch={arch}", *TINY[:4], attention]).model
         model = build_model(mc, vocab_size=128, eos_id=0, seed=0).to(torch.bfloat16)
@@ -135,6 +143,16 @@ def test_every_matmul_of_a_model_step_runs_in_fp32(arch):
         assert {n for n, _ in kernels} >= {"mm"}, (arch, attention)
         assert all(d == {torch.float32} for _, d in kernels), (arch, attention, kernels)
         assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.grad is not None)
+    assert F.linear is before
+
+
+def test_out_and_mixed_dtypes_behave_as_without_the_mode():
+    a, c = torch.full((2, 3), 2.0).half(), torch.zeros(2, 2).half()
+    with LowPrecisionInFp32(torch.float16):
+        got = torch.matmul(a, a.t(), out=c)
+    assert got is c and torch.equal(c, torch.full((2, 2), 12.0).half())
+    with pytest.raises(RuntimeError, match="dtype"), LowPrecisionInFp32(torch.float16):
+        torch.matmul(a, a.t().float())  # refused natively: not computed in fp32 and rounded to fp16
 
 
 def test_the_path_follows_utils_cpu_compute():

@@ -85,10 +85,12 @@ def use_fp32_compute(dtype: torch.dtype, mode: str = "auto") -> bool:
 
 
 T = torch.Tensor
+# torch's own linear: ZeRO-3 puts its own in F.linear for the whole process (deepspeed.zero.Init)
+_LINEAR = torch._C._nn.linear
 # every function that multiplies matrices or attends: what the fp32 path computes in fp32
 _MATMULS = frozenset(
     {
-        F.linear,
+        _LINEAR,
         F.bilinear,
         F.scaled_dot_product_attention,
         torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__,
@@ -108,7 +110,12 @@ class LowPrecisionInFp32(TorchFunctionMode):
     65504 is inf, a bf16 one stays finite. The casts are differentiable, so the backward runs in
     fp32 too and rounds each input's gradient to ``dtype`` (the fp32 copies are what autograd
     saves: the activations held for backward take twice the memory). Other functions
-    (elementwise, norms, reductions) run natively: they are fast in both dtypes.
+    (elementwise, norms, reductions) and a call that mixes ``dtype`` with another float dtype run
+    natively, as they would without the mode.
+
+    While it is on, ``F.linear`` is torch's own: ZeRO-3's memory-efficient linear is an autograd
+    Function whose backward, written in Python, runs where no torch-function mode sees its matmuls
+    (they ran in bf16, measured); the fp32 copies it would have saved memory on are saved anyway.
 
     A torch-function mode rather than a dispatch mode: only the forward's Python calls pass
     through it, not every aten op of forward and backward (measured on the tests' 2-layer model
@@ -124,6 +131,15 @@ class LowPrecisionInFp32(TorchFunctionMode):
     def __repr__(self) -> str:
         return f"LowPrecisionInFp32({self.dtype})"
 
+    def __enter__(self):
+        self._linears = [*getattr(self, "_linears", []), F.linear]
+        F.linear = _LINEAR
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        F.linear = self._linears.pop()
+        return super().__exit__(*exc)
+
     def _up(self, x):
         return x.float() if isinstance(x, torch.Tensor) and x.dtype == self.dtype else x
 
@@ -132,11 +148,14 @@ class LowPrecisionInFp32(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _MATMULS or not any(
-            isinstance(a, torch.Tensor) and a.dtype == self.dtype for a in tree_leaves((args, kwargs))
-        ):
+        if func not in _MATMULS:
             return func(*args, **kwargs)
-        return tree_map(self._down, func(*tree_map(self._up, args), **tree_map(self._up, kwargs)))
+        leaves = tree_leaves((args, kwargs))
+        if {t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()} != {self.dtype}:
+            return func(*args, **kwargs)
+        out = kwargs.pop("out", None)
+        result = tree_map(self._down, func(*tree_map(self._up, args), **tree_map(self._up, kwargs)))
+        return result if out is None else out.copy_(result)
 
 
 def engine_dtype(engine) -> torch.dtype:
