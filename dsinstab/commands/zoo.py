@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     # the quick and the full setting train different runs under the same names: never one folder
     args.out = args.out or (
-        "runs/zoo-quick" if args.quick else "runs/zoo" + ("" if args.shape == DEFAULT_SHAPE else f"-{args.shape}")
+        "runs/zoo-quick"
+        if args.quick
+        else "runs/zoo" + ("" if args.shape == DEFAULT_SHAPE else f"-{args.shape}")
     )
     if args.parallel is not None and args.parallel < 1:
         p.error("--parallel must be at least 1")

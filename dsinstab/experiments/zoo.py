@@ -139,7 +139,9 @@ def shapes(folder: Path) -> dict[str, dict]:
     for name, spec in raw.items():
         bad = [k for k in spec if k not in SHAPE_KEYS]
         if bad:
-            raise ConfigError(f"{path}: shape {name} has unknown key {bad[0]}; allowed: {', '.join(SHAPE_KEYS)}.")
+            raise ConfigError(
+                f"{path}: shape {name} has unknown key {bad[0]}; allowed: {', '.join(SHAPE_KEYS)}."
+            )
     return raw or {DEFAULT_SHAPE: {}}
 
 
@@ -269,7 +271,9 @@ def load_zoo(
             f"the shapes: {', '.join(known)}."
         )
     if quick and shape != DEFAULT_SHAPE:
-        raise ConfigError(f"--quick is the {DEFAULT_SHAPE} shape's CPU setting; leave it out with --shape {shape}.")
+        raise ConfigError(
+            f"--quick is the {DEFAULT_SHAPE} shape's CPU setting; leave it out with --shape {shape}."
+        )
     names = [p.stem for p in files]
     for name in only or []:
         if name not in names:
