@@ -147,12 +147,24 @@ def test_every_matmul_of_a_model_step_runs_in_fp32(arch, linear, monkeypatch):
 
 
 def test_out_and_mixed_dtypes_behave_as_without_the_mode():
-    a, c = torch.full((2, 3), 2.0).half(), torch.zeros(2, 2).half()
-    with LowPrecisionInFp32(torch.float16):
-        got = torch.matmul(a, a.t(), out=c)
-    assert got is c and torch.equal(c, torch.full((2, 2), 12.0).half())
+    a = torch.full((2, 3), 2.0).half()
+    for c in (torch.zeros(2, 2).half(), torch.empty(0).half()):  # written, resized where empty
+        with LowPrecisionInFp32(torch.float16):
+            got = torch.matmul(a, a.t(), out=c)
+        assert got is c and torch.equal(c, torch.full((2, 2), 12.0).half())
     with pytest.raises(RuntimeError, match="dtype"), LowPrecisionInFp32(torch.float16):
         torch.matmul(a, a.t().float())  # refused natively: not computed in fp32 and rounded to fp16
+
+
+def test_attention_with_an_fp32_mask_is_computed_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=g).bfloat16() for _ in range(3))
+    mask = torch.randn(8, 8, generator=g)  # an additive float mask, as torch takes beside bf16
+    out, calls = emulated(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), torch.bfloat16)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.bfloat16())
+    kernels = [d for n, d in calls if "attention" in n or n in KERNELS]
+    assert kernels and all(d == {torch.float32} for d in kernels), calls
 
 
 def test_the_path_follows_utils_cpu_compute():

@@ -105,13 +105,13 @@ _MATMULS = frozenset(
 class LowPrecisionInFp32(TorchFunctionMode):
     """Run ``dtype`` matmuls and attention in fp32 and round the results to ``dtype``.
 
-    A call whose floating-point tensors are all ``dtype`` gets them upcast (exact) and its result
-    rounded to nearest, so it equals ``op(fp32 inputs).to(dtype)``: an fp16 result past
+    A call with ``dtype`` tensors among its inputs gets them upcast (exact) and its result rounded
+    to nearest, so it equals ``op(fp32 inputs).to(dtype)``: an fp16 result past
     65504 is inf, a bf16 one stays finite. The casts are differentiable, so the backward runs in
     fp32 too and rounds each input's gradient to ``dtype`` (the fp32 copies are what autograd
     saves: the activations held for backward take twice the memory). Other functions
-    (elementwise, norms, reductions) and a call that mixes ``dtype`` with another float dtype run
-    natively, as they would without the mode.
+    (elementwise, norms, reductions) and a matmul that mixes ``dtype`` with another float dtype
+    run natively, as they would without the mode; attention's fp32 mask stays fp32.
 
     While it is on, ``F.linear`` is torch's own: ZeRO-3's memory-efficient linear is an autograd
     Function whose backward, written in Python, runs where no torch-function mode sees its matmuls
@@ -151,11 +151,12 @@ class LowPrecisionInFp32(TorchFunctionMode):
         if func not in _MATMULS:
             return func(*args, **kwargs)
         leaves = tree_leaves((args, kwargs))
-        if {t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()} != {self.dtype}:
-            return func(*args, **kwargs)
+        dtypes = {t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()}
+        if self.dtype not in dtypes or (len(dtypes) > 1 and func is not F.scaled_dot_product_attention):
+            return func(*args, **kwargs)  # nothing of dtype, or a mix torch refuses (SDPA takes a float mask)
         out = kwargs.pop("out", None)
         result = tree_map(self._down, func(*tree_map(self._up, args), **tree_map(self._up, kwargs)))
-        return result if out is None else out.copy_(result)
+        return result if out is None else out.resize_(result.shape).copy_(result)
 
 
 def engine_dtype(engine) -> torch.dtype:
