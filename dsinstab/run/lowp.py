@@ -106,10 +106,10 @@ class LowPrecisionInFp32(TorchFunctionMode):
     """Run ``dtype`` matmuls and attention in fp32 and round the results to ``dtype``.
 
     A call with ``dtype`` tensors among its inputs gets them upcast (exact) and its result rounded
-    to nearest, so it equals ``op(fp32 inputs).to(dtype)``: an fp16 result past
-    65504 is inf, a bf16 one stays finite. The casts are differentiable, so the backward runs in
-    fp32 too and rounds each input's gradient to ``dtype`` (the fp32 copies are what autograd
-    saves: the activations held for backward take twice the memory). Other functions
+    to nearest, so it equals ``op(fp32 inputs).to(dtype)``: an fp16 result past 65504 is inf, a
+    bf16 one stays finite. The casts are differentiable, so the backward runs in fp32 too and
+    rounds each input's gradient to ``dtype`` (the fp32 copies are what autograd saves: the
+    activations held for backward take twice the memory). Other functions
     (elementwise, norms, reductions) and a matmul that mixes ``dtype`` with another float dtype
     run natively, as they would without the mode; attention's fp32 mask stays fp32.
 
